@@ -1,0 +1,1 @@
+"""Converters: Hugging Face / state-spaces checkpoints -> GGUF, and quantization."""
