@@ -1,0 +1,41 @@
+"""Model registry: GGUF ``general.architecture`` -> model module under gguf_runtime.models.
+
+Each module follows mlx-lm's layout: a ``ModelArgs`` dataclass (``from_gguf``), the blocks, and a
+``Model`` with ``sanitize(weights)`` (GGUF tensor names -> module parameters), ``make_cache()``
+(the memory the model needs), ``forward(ubatch, view)`` -> final hidden states, ``output(h)`` -> logits.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from ..errors import UnsupportedError
+from ..reader import GGUFFile
+
+ARCHS = {
+    "llama": "llama",
+    "mamba": "mamba",
+    "mamba2": "mamba2",
+    "bert": "bert",
+    "gemma3": "gemma3",
+    "gpt2": "gpt2",
+}
+
+
+def model_class(arch: str):
+    mod = ARCHS.get(arch)
+    if mod is None:
+        raise UnsupportedError(f"unknown architecture '{arch}' (supported: {', '.join(sorted(ARCHS))})")
+    try:
+        return importlib.import_module(f"{__name__}.{mod}").Model
+    except ModuleNotFoundError as e:
+        if e.name == f"{__name__}.{mod}":
+            raise UnsupportedError(f"architecture '{arch}' is not implemented yet") from None
+        raise
+
+
+def load_model(path_or_file, device=None, dtype=torch.float32):
+    """Open a GGUF file and build its model with weights dequantized onto ``device`` as ``dtype``."""
+    f = path_or_file if isinstance(path_or_file, GGUFFile) else GGUFFile(path_or_file)
+    return model_class(f.arch).from_gguf(f, device=device, dtype=dtype)

@@ -1,0 +1,108 @@
+"""The context, llama.cpp style: decode batches through a model and its memory.
+
+``decode(batch)`` validates the batch against the memory, lets the memory split it into ubatches (a
+KV cache takes simple splits, a recurrent memory equal splits), checks that they all fit, then runs
+them one by one. Outputs are stored under their batch index, so ``logits(i)`` and ``get_logits()``
+answer in the user's order whatever the split.
+"""
+from __future__ import annotations
+
+import torch
+
+from .batch import Batch, BatchAllocator
+from .errors import BatchError
+from .models import load_model
+
+
+class Context:
+    def __init__(self, model, n_ctx: int | None = None, n_batch: int = 2048, n_ubatch: int = 512,
+                 n_seq_max: int = 1, embeddings: bool = False):
+        a = model.args
+        self.model = model
+        self.n_ctx = int(n_ctx or getattr(a, "n_ctx_train", 2048))
+        self.n_batch = min(int(n_batch), self.n_ctx) if n_batch else self.n_ctx
+        self.n_ubatch = min(int(n_ubatch), self.n_batch)
+        self.n_seq_max = int(n_seq_max)
+        self.embeddings = embeddings
+        self.memory = model.make_cache(self.n_ctx, self.n_seq_max)
+        self._out_idx: torch.Tensor | None = None  # batch indices of the outputs, sorted
+        self._logits: torch.Tensor | None = None
+        self._hidden: torch.Tensor | None = None
+
+    @classmethod
+    def from_file(cls, path, device=None, dtype=torch.float32, **kw) -> "Context":
+        return cls(load_model(path, device=device, dtype=dtype), **kw)
+
+    @property
+    def n_vocab(self) -> int:
+        return self.model.args.n_vocab
+
+    def decode(self, batch: Batch) -> None:
+        if len(batch.tokens) > self.n_batch:
+            raise BatchError(f"batch of {len(batch.tokens)} tokens exceeds n_batch = {self.n_batch}")
+        balloc = BatchAllocator(batch, self.n_vocab, self.n_seq_max, self.memory, output_all=self.embeddings)
+        ubatches = self.memory.split(balloc, self.n_ubatch)
+        self.memory.prepare(ubatches)
+        n_out = balloc.n_outputs
+        out_rows: list[torch.Tensor] = []
+        out_idx: list[torch.Tensor] = []
+        hidden_rows: list[torch.Tensor] = []
+        with torch.inference_mode():
+            for ub in ubatches:
+                if getattr(self.memory, "has_shift", False):
+                    self.model.shift_k(self.memory)
+                view = self.memory.apply(ub)
+                h = self.model(ub, view)
+                sel = ub.output.nonzero().flatten()
+                if sel.numel():
+                    hs = h[sel.to(h.device)]
+                    out_idx.append(ub.idx[sel])
+                    if self.embeddings:
+                        hidden_rows.append(hs.float())
+                    else:
+                        out_rows.append(self.model.output(hs))
+        if n_out == 0:
+            self._out_idx, self._logits, self._hidden = torch.empty(0, dtype=torch.long), None, None
+            return
+        idx = torch.cat(out_idx)
+        order = torch.argsort(idx)
+        self._out_idx = idx[order]
+        o = order.to(self.model.device)
+        self._logits = torch.cat(out_rows)[o] if out_rows else None
+        self._hidden = torch.cat(hidden_rows)[o] if hidden_rows else None
+
+    # -- outputs -------------------------------------------------------------------------------
+    def _row(self, i: int) -> int:
+        if self._out_idx is None:
+            raise BatchError("no outputs: call decode first")
+        n = int(self._out_idx.numel())
+        if i < 0:
+            if -i > n:
+                raise BatchError(f"output index {i} out of range: the last batch has {n} outputs")
+            return n + i
+        hit = (self._out_idx == i).nonzero()
+        if hit.numel() == 0:
+            raise BatchError(f"token {i} of the last batch was not marked as an output")
+        return int(hit[0])
+
+    def logits(self, i: int) -> torch.Tensor:
+        """Logits of batch token ``i`` (negative: counted back from the last output)."""
+        if self._logits is None:
+            raise BatchError("no logits: the last batch had no outputs or the context computes embeddings")
+        return self._logits[self._row(i)]
+
+    def get_logits(self) -> torch.Tensor:
+        """All output logits, (n_outputs, n_vocab), in batch order."""
+        if self._logits is None:
+            raise BatchError("no logits: the last batch had no outputs or the context computes embeddings")
+        return self._logits
+
+    def embeddings_ith(self, i: int) -> torch.Tensor:
+        if self._hidden is None:
+            raise BatchError("no embeddings: create the context with embeddings=True")
+        return self._hidden[self._row(i)]
+
+    def get_embeddings(self) -> torch.Tensor:
+        if self._hidden is None:
+            raise BatchError("no embeddings: create the context with embeddings=True")
+        return self._hidden

@@ -1,0 +1,184 @@
+"""The attention KV cache (llama.cpp's llama_kv_cache), behind the :class:`Memory` interface.
+
+Cells hold a position and a set of sequences (a bool row per cell); K and V live in one tensor per
+layer, ``(n_cells, n_head_kv, head_dim)``. A ubatch takes free cells; ``apply`` returns a
+:class:`KVView` whose attention plan groups the ubatch's queries by their primary sequence and lists
+that sequence's visible cells **in position order**, so attention never depends on where cells sit.
+
+``seq_add``/``seq_div`` move positions and record a per-cell shift; the context asks the model to
+re-rotate cached K (``Model.shift_k``) before the next ubatch, as llama.cpp's K-shift does.
+Sliding-window layers (``n_swa``) mask keys older than the window, per layer type.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..batch import BatchAllocator, UBatch
+from ..errors import MemoryFullError
+from .base import Memory
+
+
+@dataclass
+class AttnGroup:
+    q_idx: torch.Tensor  # (n_q,) rows of the ubatch attending together
+    cells: torch.Tensor  # (n_kv,) cache cells of their sequence, in position order
+    mask: torch.Tensor  # (n_q, n_kv) bool: visible (causal)
+    mask_swa: torch.Tensor | None  # (n_q, n_kv) bool for sliding-window layers
+
+
+@dataclass
+class KVView:
+    slots: torch.Tensor  # (n_tokens,) cells the ubatch writes
+    groups: list[AttnGroup]
+    cache: "KVCache"
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        kc[self.slots.to(kc.device)] = k.to(kc.dtype)
+        vc[self.slots.to(vc.device)] = v.to(vc.dtype)
+
+    def kv(self, layer: int, g: AttnGroup) -> tuple[torch.Tensor, torch.Tensor]:
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        c = g.cells.to(kc.device)
+        return kc[c], vc[c]
+
+
+class KVCache(Memory):
+    def __init__(self, n_layer: int, n_ctx: int, n_seq_max: int, n_head_kv: int | list[int], head_dim_k: int,
+                 head_dim_v: int | None = None, dtype=torch.float32, device=None, causal: bool = True,
+                 n_swa: int = 0, swa_layers: list[bool] | None = None):
+        self.n_layer, self.n_ctx, self.n_seq_max = n_layer, n_ctx, n_seq_max
+        self.causal, self.n_swa = causal, n_swa
+        self.swa_layers = swa_layers or [False] * n_layer
+        hkv = n_head_kv if isinstance(n_head_kv, list) else [n_head_kv] * n_layer
+        dv = head_dim_v or head_dim_k
+        self.k = [torch.zeros(n_ctx, hkv[i], head_dim_k, dtype=dtype, device=device) for i in range(n_layer)]
+        self.v = [torch.zeros(n_ctx, hkv[i], dv, dtype=dtype, device=device) for i in range(n_layer)]
+        self.pos = torch.full((n_ctx,), -1, dtype=torch.long)
+        self.seq = torch.zeros(n_ctx, n_seq_max, dtype=torch.bool)
+        self.shift = torch.zeros(n_ctx, dtype=torch.long)
+        self.has_shift = False
+
+    # -- queries -------------------------------------------------------------------------------
+    def seq_pos_min(self, seq_id: int) -> int:
+        p = self.pos[self.seq[:, seq_id]]
+        return int(p.min()) if p.numel() else -1
+
+    def seq_pos_max(self, seq_id: int) -> int:
+        p = self.pos[self.seq[:, seq_id]]
+        return int(p.max()) if p.numel() else -1
+
+    @property
+    def n_used(self) -> int:
+        return int((self.pos >= 0).sum())
+
+    # -- sequence operations -------------------------------------------------------------------
+    def clear(self) -> None:
+        self.pos.fill_(-1)
+        self.seq.zero_()
+        self.shift.zero_()
+        self.has_shift = False
+
+    def _sel(self, seq_id: int, p0: int, p1: int) -> torch.Tensor:
+        lo, hi = self._range(p0, p1)
+        inr = (self.pos >= lo) & (self.pos < hi) if hi != float("inf") else (self.pos >= lo)
+        return inr & (self.seq.any(1) if seq_id < 0 else self.seq[:, seq_id])
+
+    def _gc(self) -> None:
+        empty = ~self.seq.any(1)
+        self.pos[empty] = -1
+        self.shift[empty] = 0
+
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        sel = self._sel(seq_id, p0, p1)
+        if seq_id < 0:
+            self.seq[sel] = False
+        else:
+            self.seq[sel, seq_id] = False
+        self._gc()
+        return True
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        if src == dst:
+            return
+        self.seq[self._sel(src, p0, p1), dst] = True
+
+    def seq_keep(self, seq_id: int) -> None:
+        keep = self.seq[:, seq_id].clone()
+        self.seq[~keep] = False
+        self.seq[keep] = False
+        self.seq[keep, seq_id] = True
+        self._gc()
+
+    def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
+        if shift == 0:
+            return
+        sel = self._sel(seq_id, p0, p1)
+        self.pos[sel] += shift
+        self.shift[sel] += shift
+        gone = sel & (self.pos < 0)  # shifted before 0: removed, as llama.cpp does
+        self.seq[gone] = False
+        self._gc()
+        self.has_shift = bool(self.shift.any())
+
+    def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
+        if d == 1:
+            return
+        sel = self._sel(seq_id, p0, p1)
+        old = self.pos[sel]
+        new = torch.div(old, d, rounding_mode="floor")
+        self.pos[sel] = new
+        self.shift[sel] += new - old
+        self.has_shift = bool(self.shift.any())
+
+    def take_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cells with a pending shift and their deltas; clears the record."""
+        cells = self.shift.nonzero().flatten()
+        deltas = self.shift[cells].clone()
+        self.shift.zero_()
+        self.has_shift = False
+        return cells, deltas
+
+    # -- ubatches ------------------------------------------------------------------------------
+    def split(self, balloc: BatchAllocator, n_ubatch: int) -> list[UBatch]:
+        return list(balloc.split_simple(n_ubatch))
+
+    def prepare(self, ubatches: list[UBatch]) -> None:
+        need = sum(u.n_tokens for u in ubatches)
+        free = int((self.pos < 0).sum())
+        if need > free:
+            raise MemoryFullError(
+                f"KV cache full: the batch needs {need} cells but only {free} of n_ctx = {self.n_ctx} are free "
+                f"(increase -c / n_ctx or remove sequences)")
+
+    def apply(self, ub: UBatch) -> KVView:
+        free = (self.pos < 0).nonzero().flatten()
+        if free.numel() < ub.n_tokens:
+            raise MemoryFullError(f"KV cache full: {ub.n_tokens} cells needed, {free.numel()} free")
+        slots = free[: ub.n_tokens]
+        self.pos[slots] = ub.pos
+        for j, s in enumerate(ub.seq_ids):
+            self.seq[slots[j], list(s)] = True
+        return KVView(slots, self._plan(ub), self)
+
+    def _plan(self, ub: UBatch) -> list[AttnGroup]:
+        seq0 = ub.seq0
+        groups = []
+        for s in seq0.unique(sorted=True).tolist():
+            q_idx = (seq0 == s).nonzero().flatten()
+            qpos = ub.pos[q_idx]
+            cells = self.seq[:, s].nonzero().flatten()
+            cpos = self.pos[cells]
+            if self.causal:
+                keep = cpos <= qpos.max()
+                cells, cpos = cells[keep], cpos[keep]
+            order = torch.argsort(cpos, stable=True)
+            cells, cpos = cells[order], cpos[order]
+            mask = (cpos.unsqueeze(0) <= qpos.unsqueeze(1)) if self.causal else torch.ones(len(q_idx), len(cells), dtype=torch.bool)
+            mask_swa = None
+            if self.n_swa > 0 and any(self.swa_layers):
+                mask_swa = mask & (qpos.unsqueeze(1) - cpos.unsqueeze(0) < self.n_swa)
+            groups.append(AttnGroup(q_idx, cells, mask, mask_swa))
+        return groups

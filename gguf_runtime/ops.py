@@ -1,0 +1,202 @@
+"""Batch-invariant primitives: a row's result never depends on how many other rows share the call.
+
+Every model computes through these. In invariant mode (the default):
+
+- ``linear`` pads the row count up to a tile the BLAS treats uniformly. MKL's sgemm, for instance,
+  takes a gemv-like path for 1-3 rows (and for some small counts with 2 threads) whose summation
+  order differs from the large-M kernel; from the tile up, each row is computed the same way at any
+  offset. The padding rule is chosen per machine by :func:`self_test` (well under 2 s).
+- ``attention`` gathers each sequence's keys in position order and works on fixed key blocks of
+  ``KV_BLOCK`` (aligned to the key's rank in its sequence), with a float32 softmax whose
+  cross-block sums run in a fixed order, so a query's result depends only on its own visible keys.
+- norms and softmaxes reduce along a row only.
+
+``set_invariant(False)`` turns padding off for raw speed.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+KV_BLOCK = 64
+
+_state = {"invariant": os.environ.get("GGUF_RUNTIME_INVARIANT", "1") != "0", "min_rows": 16, "multiple": 1,
+          "tested": False}
+
+
+def set_invariant(on: bool) -> None:
+    _state["invariant"] = bool(on)
+
+
+def is_invariant() -> bool:
+    return _state["invariant"]
+
+
+def _padded_rows(n: int, min_rows: int, multiple: int) -> int:
+    n = max(n, min_rows)
+    return -(-n // multiple) * multiple
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w.T (+ b)`` for x of shape (..., K), w of shape (N, K)."""
+    if not _state["invariant"]:
+        return F.linear(x, w, b)
+    if not _state["tested"]:
+        self_test()
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    n = x2.shape[0]
+    m = _padded_rows(n, _state["min_rows"], _state["multiple"])
+    if m != n:
+        x2 = torch.cat([x2, x2.new_zeros(m - n, x2.shape[1])])
+    y = F.linear(x2, w, b)
+    return y[:n].reshape(*lead, w.shape[0])
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return y if w is None else y * w
+
+
+def layer_norm(x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: float) -> torch.Tensor:
+    mu = x.mean(-1, keepdim=True)
+    xc = x - mu
+    y = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
+    if w is not None:
+        y = y * w
+    return y if b is None else y + b
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+              softcap: float = 0.0) -> torch.Tensor:
+    """Attention of one query group over one key sequence.
+
+    q: (n_head, n_q, d); k, v: (n_head_kv, n_kv, d) in the sequence's position order; mask: (n_q, n_kv)
+    bool, True where the key is visible. Returns (n_q, n_head, d_v). Keys are processed in blocks of
+    ``KV_BLOCK`` aligned to their rank, so a query's result does not depend on how many keys follow
+    its visible ones, nor on how many queries share the call.
+    """
+    h, nq, d = q.shape
+    hkv, nkv, dv = k.shape[0], k.shape[1], v.shape[2]
+    out_dtype = q.dtype
+    nb = max(1, -(-nkv // KV_BLOCK))
+    pad = nb * KV_BLOCK - nkv
+    if pad:
+        k = torch.cat([k, k.new_zeros(hkv, pad, d)], 1)
+        v = torch.cat([v, v.new_zeros(hkv, pad, dv)], 1)
+        mask = torch.cat([mask, mask.new_zeros(nq, pad)], 1)
+    if _state["invariant"]:
+        if not _state["tested"]:
+            self_test()
+        m = _padded_rows(nq, _state["min_rows"], _state["multiple"])
+        if m != nq:
+            q = torch.cat([q, q.new_zeros(h, m - nq, d)], 1)
+            mask = torch.cat([mask, mask.new_zeros(m - nq, mask.shape[1])], 0)
+    nqp = q.shape[1]
+    g = h // hkv
+    kb = k.reshape(hkv, 1, nb, KV_BLOCK, d).expand(hkv, g, nb, KV_BLOCK, d).reshape(h, nb, KV_BLOCK, d)
+    vb = v.reshape(hkv, 1, nb, KV_BLOCK, dv).expand(hkv, g, nb, KV_BLOCK, dv).reshape(h, nb, KV_BLOCK, dv)
+    # scores per key block: (h, nb, nqp, KV_BLOCK), each a fixed-shape matmul
+    s = torch.matmul(q.unsqueeze(1), kb.transpose(-1, -2)).float() * scale
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
+    mb = mask.reshape(nqp, nb, KV_BLOCK).transpose(0, 1).unsqueeze(0)  # (1, nb, nqp, KV_BLOCK)
+    s = s.masked_fill(~mb, float("-inf"))
+    mx = s.amax(dim=(1, 3), keepdim=True)  # exact, order-free
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    p = torch.exp(s - mx)
+    l_b = p.sum(-1)  # (h, nb, nqp): fixed-length row sums
+    o_b = torch.matmul(p.to(vb.dtype), vb).float()  # (h, nb, nqp, dv)
+    l_sum, o_sum = l_b[:, 0], o_b[:, 0]
+    for b in range(1, nb):  # fixed order across blocks
+        l_sum = l_sum + l_b[:, b]
+        o_sum = o_sum + o_b[:, b]
+    out = o_sum / l_sum.clamp_min(1e-30).unsqueeze(-1)
+    return out[:, :nq].transpose(0, 1).to(out_dtype)
+
+
+def log_softmax(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise log-softmax in float64 (as llama-perplexity accumulates it)."""
+    return torch.log_softmax(x.double(), dim=-1)
+
+
+def self_test(budget_s: float = 1.5) -> dict:
+    """Find the row-padding rule under which this machine's matmul is row-invariant.
+
+    Tries the cheapest rules first and keeps the first one under which every row of random
+    products equals the same row computed inside a large call, for several row counts and offsets,
+    with the current thread count. Falls back to padding to 16 rows (with a multiple of 16) if none
+    passes in time.
+    """
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(1234)
+    shapes = [(256, 384), (64, 64), (576, 96)]
+    mats = [(torch.randn(160, k, generator=g), torch.randn(n, k, generator=g)) for k, n in shapes]
+    refs = [F.linear(x, w) for x, w in mats]
+    chosen = (16, 16)
+    for min_rows, multiple in [(4, 4), (8, 8), (16, 1), (16, 16), (32, 32)]:
+        ok = True
+        for (x, w), ref in zip(mats, refs):
+            for n in (1, 2, 3, 5, 7, 9, 13, 16, 17, 31):
+                for off in (0, 3, 100):
+                    xs = x[off:off + n]
+                    m = _padded_rows(n, min_rows, multiple)
+                    xp = torch.cat([xs, xs.new_zeros(m - n, xs.shape[1])]) if m != n else xs
+                    if not torch.equal(F.linear(xp, w)[:n], ref[off:off + n]):
+                        ok = False
+                        break
+                if not ok:
+                    break
+            if not ok:
+                break
+        if ok:
+            chosen = (min_rows, multiple)
+            break
+        if time.perf_counter() - t0 > budget_s:
+            break
+    _state["min_rows"], _state["multiple"] = chosen
+    _state["tested"] = True
+    return {"min_rows": chosen[0], "multiple": chosen[1], "seconds": time.perf_counter() - t0}
+
+
+def rope_freqs(dim: int, base: float, scaling: dict | None = None) -> torch.Tensor:
+    """Inverse frequencies (dim/2,) in float32 for NeoX/normal RoPE, with GGUF's scaling kinds:
+    none, linear (factor), yarn (handled by caller's attn factor) and llama3 (freq factors)."""
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if scaling:
+        kind = scaling.get("type", "none")
+        if kind == "linear":
+            inv = inv / scaling["factor"]
+        elif kind == "llama3":
+            f, lo, hi, old = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"], scaling["original_context_length"]
+            wavelen = 2 * math.pi / inv
+            smooth = (old / wavelen - lo) / (hi - lo)
+            scaled = torch.where(wavelen > old / lo, inv / f, inv)
+            mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+            inv = torch.where(mid, (1 - smooth) * inv / f + smooth * inv, scaled)
+    return inv.float()
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, neox: bool, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate x (n, heads, d_rot...) at integer positions ``pos`` (n,). Normal (GPT-J/llama.cpp
+    'norm') rotates adjacent pairs; NeoX rotates halves. Angles in float32 as ggml computes them."""
+    d = inv_freq.numel() * 2
+    xr, xp = x[..., :d], x[..., d:]
+    inv = inv_freq.to(x.device)
+    if freq_factors is not None:
+        inv = inv / freq_factors.to(x.device)
+    theta = pos.to(x.device, torch.float32).unsqueeze(-1) * inv  # (n, d/2)
+    cos, sin = theta.cos().unsqueeze(1), theta.sin().unsqueeze(1)
+    xf = xr.float()
+    if neox:
+        a, b = xf[..., : d // 2], xf[..., d // 2:]
+        r = torch.cat([a * cos - b * sin, a * sin + b * cos], -1)
+    else:
+        a, b = xf[..., 0::2], xf[..., 1::2]
+        r = torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
+    r = r.to(x.dtype)
+    return r if xp.shape[-1] == 0 else torch.cat([r, xp], -1)
