@@ -1,0 +1,165 @@
+"""Perplexity with llama-perplexity's semantics (tools/perplexity/perplexity.cpp).
+
+The text is tokenized once (with BOS when the vocabulary adds one) and cut into
+``n_chunk = n_tokens // n_ctx`` chunks of ``n_ctx`` tokens. ``n_seq = max(1, n_batch // n_ctx)`` chunks
+are decoded together as parallel sequences of one context (``n_seq * n_ctx`` cells), the memory being
+cleared between groups; with ``n_batch < n_ctx`` each chunk is decoded in ``ceil(n_ctx / n_batch)``
+batches. The first token of each chunk is replaced by BOS; only the second half of each chunk is scored
+(``first = n_ctx // 2``: the logits at positions ``first .. n_ctx - 2`` predict tokens
+``first + 1 .. n_ctx - 1``), each token's log-softmax being computed in double from float32
+differences as llama.cpp does. After each chunk the running ``[i]ppl`` is recorded, and the final
+estimate carries llama.cpp's uncertainty ``ppl * sqrt((<nll^2> - <nll>^2) / (count - 1))``.
+
+The memory comes from the model (``make_cache``), so attention and recurrent models go through the
+same code. Because every op is batch-invariant, the result does not depend on ``n_batch`` /
+``n_ubatch``: the same PPL to every printed digit.
+
+    >>> from gguf_runtime.models import load_model
+    >>> r = perplexity(load_model("llama-tiny-f32.gguf"), tokens, n_ctx=128, bos=1)
+    >>> r.ppl, r.ppl_err, r.chunk_ppl[:3]
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .batch import Batch
+from .context import Context
+from .errors import BatchError
+
+ChunkHook = Callable[[int, torch.Tensor, torch.Tensor], None]  # (chunk index, logits (n, V), targets (n,))
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float  # final estimate
+    ppl_err: float  # llama.cpp's +/- uncertainty
+    chunk_ppl: list[float]  # running PPL after each chunk: llama.cpp's "[i]ppl," values
+    chunk_nll: list[float] = field(default_factory=list)  # mean NLL of each chunk's scored tokens
+    n_ctx: int = 0
+    n_chunks: int = 0
+    n_scored: int = 0  # tokens scored (n_chunks * (n_ctx - 1 - n_ctx // 2))
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Tokens decoded per second (n_chunks * n_ctx / seconds), as llama.cpp's throughput."""
+        return self.n_chunks * self.n_ctx / self.seconds if self.seconds else 0.0
+
+
+def check_params(n_tokens: int, n_ctx: int, n_batch: int) -> int:
+    """Validates llama-perplexity's constraints; returns n_chunk_max."""
+    if n_ctx < 4:
+        raise BatchError(f"context size -c {n_ctx} is too small for perplexity (need at least 4)")
+    if n_batch <= 0:
+        raise BatchError(f"batch size -b must be positive, got {n_batch}")
+    if n_batch >= n_ctx and n_batch % n_ctx:
+        raise BatchError(f"batch size -b {n_batch} must be below -c {n_ctx} or a multiple of it")
+    if n_tokens < 2 * n_ctx:
+        raise BatchError(f"the text tokenizes to only {n_tokens} tokens; perplexity with -c {n_ctx} "
+                         f"needs at least {2 * n_ctx}")
+    return n_tokens // n_ctx
+
+
+def make_context(model, n_ctx: int, n_batch: int = 2048, n_ubatch: int = 512) -> Context:
+    """The context llama-perplexity creates: n_seq = max(1, n_batch // n_ctx) sequences of n_ctx."""
+    n_seq = max(1, n_batch // n_ctx)
+    return Context(model, n_ctx=n_seq * n_ctx, n_batch=min(n_batch, n_seq * n_ctx), n_ubatch=n_ubatch,
+                   n_seq_max=n_seq)
+
+
+def _as_context(ctx_or_model, n_ctx: int, n_batch: int, n_ubatch: int) -> Context:
+    if not isinstance(ctx_or_model, Context):
+        return make_context(ctx_or_model, n_ctx, n_batch, n_ubatch)
+    ctx, n_seq = ctx_or_model, max(1, n_batch // n_ctx)
+    if ctx.n_seq_max < n_seq or ctx.n_ctx < n_seq * n_ctx or ctx.n_batch < min(n_batch, n_seq * n_ctx):
+        raise BatchError(f"context (n_ctx={ctx.n_ctx}, n_batch={ctx.n_batch}, n_seq_max={ctx.n_seq_max}) is too "
+                         f"small for -c {n_ctx} -b {n_batch}; use perplexity.make_context")
+    return ctx
+
+
+def chunk_logits(ctx: Context, tokens: torch.Tensor, n_ctx: int, n_batch: int, n_chunk: int,
+                 bos: int | None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Decodes chunks as llama-perplexity does and yields ``(i, logits, targets)`` per chunk, in order:
+    float32 logits of positions first .. n_ctx-2 and the tokens they predict."""
+    first = n_ctx // 2
+    n_seq = max(1, n_batch // n_ctx)
+    n_parts = -(-n_ctx // n_batch)
+    for i in range(0, n_chunk, n_seq):
+        ns = min(n_seq, n_chunk - i)
+        chunk = tokens[i * n_ctx:(i + ns) * n_ctx].view(ns, n_ctx).clone()
+        if bos is not None:
+            chunk[:, 0] = bos
+        ctx.memory.clear()
+        rows: list[torch.Tensor] = []
+        for j in range(n_parts):
+            p0, p1 = j * n_batch, min(n_ctx, (j + 1) * n_batch)
+            pos = torch.arange(p0, p1).repeat(ns)
+            seq_ids = [(s,) for s in range(ns) for _ in range(p1 - p0)]
+            out = pos >= first
+            ctx.decode(Batch(chunk[:, p0:p1].reshape(-1), pos, seq_ids, out))
+            if out.any():
+                rows.append(ctx.get_logits())
+        logits = torch.cat(rows) if len(rows) > 1 else rows[0]
+        logits = logits.view(ns, n_ctx - first, -1)
+        for s in range(ns):
+            start = (i + s) * n_ctx
+            yield i + s, logits[s, :-1], tokens[start + first + 1:start + n_ctx]
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log p(target) per row in float64, computed as llama.cpp does: float32 differences to the
+    row max, exponentials summed in double."""
+    logits = logits.float()
+    d = logits - logits.amax(-1, keepdim=True)
+    lse = torch.exp(d).double().sum(-1).log()
+    return lse - d.gather(-1, targets.to(d.device).view(-1, 1)).squeeze(-1).double()
+
+
+def perplexity(ctx_or_model, tokens: Sequence[int] | torch.Tensor, n_ctx: int, n_batch: int = 2048,
+               n_ubatch: int = 512, n_chunks: int | None = None, bos: int | None = None,
+               progress: Callable[[int, int], None] | None = None,
+               on_chunk: Callable[[int, float], None] | None = None,
+               on_logits: ChunkHook | None = None) -> PerplexityResult:
+    """llama-perplexity over ``tokens`` (already tokenized, BOS included when the vocab adds it).
+
+    ``ctx_or_model``: a model (a context with n_seq = max(1, n_batch // n_ctx) sequences is made) or a
+    :class:`Context` large enough. ``bos``: the token replacing each chunk's first token (None: no
+    replacement, for vocabularies that do not add BOS). ``n_chunks``: at most this many chunks.
+    ``progress(done, total)`` after each chunk; ``on_chunk(i, running_ppl)`` for the ``[i]`` lines;
+    ``on_logits(i, logits, targets)`` sees each chunk's scored logits (the KL-divergence base writer).
+    """
+    tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+    n_chunk = check_params(tokens.numel(), n_ctx, n_batch)
+    if n_chunks is not None and n_chunks >= 0:
+        n_chunk = min(n_chunk, n_chunks)
+    if n_chunk <= 0:
+        raise BatchError("no chunk to score (--chunks 0)")
+    ctx = _as_context(ctx_or_model, n_ctx, n_batch, n_ubatch)
+    nll = nll2 = 0.0
+    count = 0
+    chunk_ppl, chunk_nll = [], []
+    t0 = time.perf_counter()
+    for i, logits, targets in chunk_logits(ctx, tokens, n_ctx, n_batch, n_chunk, bos):
+        if on_logits is not None:
+            on_logits(i, logits, targets)
+        v = token_nll(logits, targets)
+        nll += float(v.sum())
+        nll2 += float((v * v).sum())
+        count += v.numel()
+        chunk_nll.append(float(v.mean()))
+        chunk_ppl.append(math.exp(nll / count))
+        if on_chunk is not None:
+            on_chunk(i, chunk_ppl[-1])
+        if progress is not None:
+            progress(i + 1, n_chunk)
+    seconds = time.perf_counter() - t0
+    mean, mean2 = nll / count, nll2 / count
+    ppl = math.exp(mean)
+    var = mean2 - mean * mean
+    err = ppl * math.sqrt(var / (count - 1)) if var > 0 else float("nan")
+    return PerplexityResult(ppl, err, chunk_ppl, chunk_nll, n_ctx, n_chunk, count, seconds)
