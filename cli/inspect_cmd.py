@@ -1,0 +1,130 @@
+"""``gguf-runtime inspect FILE [--json]``: architecture, key metadata and a table of tensors."""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import typer
+import numpy as np
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from gguf_runtime.reader import GGUFFile
+
+COMMAND_KWARGS = {"help": "Show a GGUF file's architecture, metadata and tensors (like gguf-dump, readable)."}
+
+_LIST_MAX = 8  # arrays longer than this are summarised by their length
+_STR_MAX = 96
+
+
+def _vtype(f: GGUFFile, key: str) -> str:
+    t, sub = f.field_types[key]
+    return f"{t.name.lower()}[{sub.name.lower()}]" if sub is not None else t.name.lower()
+
+
+def _plain(v):
+    """JSON-safe value: non-finite floats become strings."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return [_plain(x) for x in v] if isinstance(v, list) else v
+
+
+def _summary(f: GGUFFile, key: str):
+    """The value, or for long arrays a summary holding their length (vocabularies, merges)."""
+    v = f.metadata[key]
+    if isinstance(v, list) and len(v) > _LIST_MAX:
+        return {"type": _vtype(f, key), "length": len(v), "head": _plain(v[:3])}
+    return _plain(v)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def report(f: GGUFFile) -> dict:
+    """Everything ``inspect`` shows, as plain data (the ``--json`` output)."""
+    tensors = [
+        {"name": i.name, "type": i.qtype.name, "shape": list(i.shape), "n_elements": math.prod(i.shape),
+         "n_bytes": i.n_bytes, "offset": i.offset}
+        for i in f.tensor_infos.values()
+    ]
+    by_type: dict[str, dict] = defaultdict(lambda: {"tensors": 0, "n_elements": 0, "n_bytes": 0})
+    for t in tensors:
+        agg = by_type[t["type"]]
+        agg["tensors"] += 1
+        agg["n_elements"] += t["n_elements"]
+        agg["n_bytes"] += t["n_bytes"]
+    n_el, n_by = sum(t["n_elements"] for t in tensors), sum(t["n_bytes"] for t in tensors)
+    return {
+        "path": str(f.path), "file_size": f.file_size, "gguf_version": f.version, "architecture": f.arch,
+        "name": f.metadata.get("general.name"), "alignment": f.alignment, "data_offset": f.data_offset,
+        "metadata": {k: _summary(f, k) for k in f.metadata},
+        "tensors": tensors,
+        "totals": {"tensors": len(tensors), "n_elements": n_el, "n_bytes": n_by,
+                   "bits_per_weight": round(8 * n_by / n_el, 4) if n_el else None,
+                   "by_type": dict(sorted(by_type.items(), key=lambda kv: -kv[1]["n_bytes"]))},
+    }
+
+
+def _show(value, vtype: str) -> str:
+    """One table cell: strings quoted, float32 at float32 precision, long things cut."""
+    if isinstance(value, dict):  # summarised array
+        return f"{value['length']} items: {', '.join(map(repr, value['head']))}, ..."
+    if "float32" in vtype:
+        value = [float(str(np.float32(x))) for x in value] if isinstance(value, list) else float(str(np.float32(value)))
+    s = repr(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return escape(s if len(s) <= _STR_MAX else s[:_STR_MAX - 3] + "...")
+
+
+def _print(f: GGUFFile, rep: dict) -> None:
+    con = Console(width=None if Console().is_terminal else 120, highlight=False)
+    tot = rep["totals"]
+    con.print(f"[bold]{escape(rep['path'])}[/bold]  GGUF v{rep['gguf_version']}, {_human(rep['file_size'])}")
+    con.print(f"architecture: [bold]{escape(rep['architecture'] or '?')}[/bold]   "
+              f"name: {escape(str(rep['name'] or '-'))}   tensors: {tot['tensors']}   "
+              f"parameters: {tot['n_elements']:,}   data: {_human(tot['n_bytes'])}")
+
+    meta = Table(title="metadata", title_justify="left", show_lines=False)
+    meta.add_column("key", style="cyan", overflow="fold")
+    meta.add_column("type")
+    meta.add_column("value", overflow="fold")
+    for k, v in rep["metadata"].items():
+        meta.add_row(escape(k), escape(_vtype(f, k)), _show(v, _vtype(f, k)))
+    con.print(meta)
+
+    tab = Table(title="tensors (shape outermost first)", title_justify="left")
+    for col, just in (("#", "right"), ("name", "left"), ("type", "left"), ("shape", "left"), ("bytes", "right")):
+        tab.add_column(col, justify=just, overflow="fold")
+    for i, t in enumerate(rep["tensors"]):
+        tab.add_row(str(i), escape(t["name"]), t["type"], " x ".join(map(str, t["shape"])), f"{t['n_bytes']:,}")
+    con.print(tab)
+
+    types = Table(title="totals by type", title_justify="left")
+    for col in ("type", "tensors", "elements", "bytes", "bits/weight"):
+        types.add_column(col, justify="left" if col == "type" else "right")
+    for name, agg in tot["by_type"].items():
+        bpw = 8 * agg["n_bytes"] / agg["n_elements"] if agg["n_elements"] else 0
+        types.add_row(name, str(agg["tensors"]), f"{agg['n_elements']:,}", f"{agg['n_bytes']:,}", f"{bpw:.2f}")
+    types.add_row("total", str(tot["tensors"]), f"{tot['n_elements']:,}", f"{tot['n_bytes']:,}",
+                  f"{tot['bits_per_weight'] or 0:.2f}", style="bold")
+    con.print(types)
+
+
+def command(
+    file: Path = typer.Argument(..., help="GGUF file to inspect."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables."),
+) -> None:
+    """Show a GGUF file's architecture, key metadata and a table of its tensors."""
+    with GGUFFile(file) as f:
+        rep = report(f)
+        if as_json:
+            typer.echo(json.dumps(rep, ensure_ascii=False, indent=1))
+        else:
+            _print(f, rep)
