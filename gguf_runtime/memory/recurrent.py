@@ -1,0 +1,254 @@
+"""Recurrent state memory for Mamba-like models (llama.cpp's llama_memory_recurrent).
+
+A recurrent model keeps, per sequence, a fixed-size state instead of one KV row per token. The memory
+has ``n_seq_max`` **cells**; a cell holds one state (per layer: a conv state and an SSM state, plus
+any named extras), the position of the last token folded into it, and the set of sequences that
+share it. Each sequence has a **tail**: the cell holding its state (or -1: none yet, the next token
+starts from a zero state). ``seq_cp`` shares the source's cell with the destination; the first
+ubatch that extends one of the sharers copies the state into a cell of its own (copy-on-write).
+
+Model-facing API (Mamba and Mamba2 code against this)::
+
+    mem = RecurrentMemory(n_layer, n_seq_max, conv_shape, ssm_shape, dtype=torch.float32, device=None,
+                          extra={"name": shape, ...})
+    # shapes are per cell for one layer (a tuple), or a list of n_layer tuples
+
+    view = mem.apply(ubatch)      # the Context does this; the ubatch comes from split_equal
+    view.n_seqs, view.n_seq_tokens  # ubatch = n_seqs sequence sets x n_seq_tokens tokens, seq-major
+    view.pos0                     # (n_seqs,) int64: absolute position of each set's first new token
+    view.conv(layer)              # (n_seqs, *conv_shape): the sets' states in ubatch order
+    view.ssm(layer)               # (n_seqs, *ssm_shape)
+    view.state(name, layer)       # the same for an extra state
+    view.set_conv(layer, t); view.set_ssm(layer, t); view.set_state(name, layer, t)   # write back
+
+``conv``/``ssm``/``state`` return views of contiguous cell slots ``[start, start + n_seqs)``, so
+in-place writes land in the memory too; ``set_*`` copies a new tensor in. A set that starts a new
+sequence finds a zero state there. A token with several sequence ids (a shared prefix) is computed
+once: its set's state is given to every member sequence.
+
+Sequence operations follow llama.cpp: ``seq_rm`` can only drop a whole state (a range that starts
+at 0, or that starts after the state's position, which removes nothing); a removal that would need
+the state of an earlier position returns False. ``seq_add``/``seq_div`` move the position only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..batch import BatchAllocator, UBatch
+from ..errors import BatchError, MemoryFullError
+from .base import Memory
+
+Shape = tuple[int, ...]
+
+
+@dataclass
+class _Meta:
+    """Cell bookkeeping (plain Python: a handful of cells)."""
+
+    pos: list[int]  # per cell: last position folded into its state, -1 when empty
+    seqs: list[set[int]]  # per cell: sequences sharing the state
+    tail: list[int]  # per sequence: its cell, -1 when it has no state
+
+    def copy(self) -> "_Meta":
+        return _Meta(list(self.pos), [set(s) for s in self.seqs], list(self.tail))
+
+    def detach(self, sid: int) -> None:
+        c = self.tail[sid]
+        if c >= 0:
+            self.seqs[c].discard(sid)
+            if not self.seqs[c]:
+                self.pos[c] = -1
+            self.tail[sid] = -1
+
+    def first_empty(self) -> int:
+        for c, s in enumerate(self.seqs):
+            if not s:
+                return c
+        raise MemoryFullError("recurrent memory full: no free state cell (increase n_seq_max)")
+
+
+class RecurrentView:
+    """The ubatch's states: contiguous cell slots in ubatch order (see the module docstring)."""
+
+    def __init__(self, mem: "RecurrentMemory", start: int, ub: UBatch):
+        self.mem, self.start = mem, start
+        self.n_seqs, self.n_seq_tokens = ub.n_seqs, ub.n_seq_tokens
+        self.pos0 = ub.pos[:: ub.n_seq_tokens].clone()
+        self._sl = slice(start, start + ub.n_seqs)
+
+    def state(self, name: str, layer: int) -> torch.Tensor:
+        return self.mem.states[name][layer][self._sl]
+
+    def set_state(self, name: str, layer: int, value: torch.Tensor) -> None:
+        dst = self.mem.states[name][layer][self._sl]
+        dst.copy_(value.to(dst.dtype))
+
+    def conv(self, layer: int) -> torch.Tensor:
+        return self.state("conv", layer)
+
+    def ssm(self, layer: int) -> torch.Tensor:
+        return self.state("ssm", layer)
+
+    def set_conv(self, layer: int, value: torch.Tensor) -> None:
+        self.set_state("conv", layer, value)
+
+    def set_ssm(self, layer: int, value: torch.Tensor) -> None:
+        self.set_state("ssm", layer, value)
+
+
+class RecurrentMemory(Memory):
+    def __init__(self, n_layer: int, n_seq_max: int, conv_shape: Shape | list[Shape], ssm_shape: Shape | list[Shape],
+                 dtype: torch.dtype = torch.float32, device=None, extra: dict[str, Shape | list[Shape]] | None = None):
+        self.n_layer, self.n_seq_max = n_layer, max(1, int(n_seq_max))
+        self.n_cells = self.n_seq_max  # one cell per sequence slot, as llama.cpp sizes it
+        shapes = {"conv": conv_shape, "ssm": ssm_shape, **(extra or {})}
+        self.states: dict[str, list[torch.Tensor]] = {}
+        for name, shp in shapes.items():
+            per_layer = shp if isinstance(shp, list) else [tuple(shp)] * n_layer
+            self.states[name] = [torch.zeros(self.n_cells, *s, dtype=dtype, device=device) for s in per_layer]
+        self.meta = _Meta([-1] * self.n_cells, [set() for _ in range(self.n_cells)], [-1] * self.n_seq_max)
+
+    # -- queries -------------------------------------------------------------------------------
+    def _cell_of(self, seq_id: int) -> int:
+        return self.meta.tail[seq_id] if 0 <= seq_id < self.n_seq_max else -1
+
+    def seq_pos_min(self, seq_id: int) -> int:
+        c = self._cell_of(seq_id)
+        return self.meta.pos[c] if c >= 0 else -1
+
+    def seq_pos_max(self, seq_id: int) -> int:
+        return self.seq_pos_min(seq_id)  # a state stands for exactly one position
+
+    @property
+    def n_used(self) -> int:
+        return sum(1 for s in self.meta.seqs if s)
+
+    # -- sequence operations -------------------------------------------------------------------
+    def clear(self) -> None:
+        self.meta = _Meta([-1] * self.n_cells, [set() for _ in range(self.n_cells)], [-1] * self.n_seq_max)
+
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        lo, hi = self._range(p0, p1)
+        if seq_id >= self.n_seq_max:
+            return False
+        if seq_id < 0:  # every sequence: all or nothing
+            if lo == hi:
+                return True
+            if lo != 0 or hi != float("inf"):
+                return False
+            self.clear()
+            return True
+        c = self.meta.tail[seq_id]
+        if c < 0:
+            return True
+        pos = self.meta.pos[c]
+        if lo > pos or lo >= hi:  # nothing at or after lo: nothing to remove
+            return True
+        if lo > 0 or hi <= pos:  # would keep a prefix or a suffix: the state cannot be rewound
+            return False
+        self.meta.detach(seq_id)
+        return True
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        if src == dst:
+            return
+        for s in (src, dst):
+            if not 0 <= s < self.n_seq_max:
+                raise BatchError(f"seq_cp: invalid seq_id {s}: must be in [0, {self.n_seq_max})")
+        self.meta.detach(dst)
+        c = self.meta.tail[src]
+        if c >= 0:
+            self.meta.seqs[c].add(dst)
+            self.meta.tail[dst] = c
+
+    def seq_keep(self, seq_id: int) -> None:
+        m = self.meta
+        for c in range(self.n_cells):
+            if seq_id in m.seqs[c]:
+                m.seqs[c] = {seq_id}
+            else:
+                m.seqs[c], m.pos[c] = set(), -1
+        m.tail = [c if s == seq_id else -1 for s, c in enumerate(m.tail)]
+
+    def _move(self, seq_id: int, p0: int, p1: int, fn) -> None:
+        lo, hi = self._range(p0, p1)
+        c = self._cell_of(seq_id)
+        if c >= 0 and lo < hi and lo <= self.meta.pos[c] < hi:
+            self.meta.pos[c] = fn(self.meta.pos[c])
+
+    def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
+        if shift:
+            self._move(seq_id, p0, p1, lambda p: p + shift)
+
+    def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
+        if d != 1:
+            self._move(seq_id, p0, p1, lambda p: p // d)
+
+    # -- ubatches ------------------------------------------------------------------------------
+    def split(self, balloc: BatchAllocator, n_ubatch: int) -> list[UBatch]:
+        return list(balloc.split_equal(n_ubatch))
+
+    def prepare(self, ubatches: list[UBatch]) -> None:
+        m = self.meta.copy()
+        for ub in ubatches:
+            self._find_slot(m, ub)
+
+    def apply(self, ub: UBatch) -> RecurrentView:
+        start, src = self._find_slot(self.meta, ub)
+        if src != list(range(self.n_cells)):
+            self._gather(src)
+        return RecurrentView(self, start, ub)
+
+    def _find_slot(self, m: _Meta, ub: UBatch) -> tuple[int, list[int]]:
+        """Updates ``m`` so the ubatch's sets own cells ``start .. start+n_seqs-1`` in ubatch order.
+        Returns ``start`` and, per cell, where its state comes from (``src[c]``: a cell of the old
+        layout, or -1 for a zero state)."""
+        if not ub.equal_seqs:
+            raise BatchError("recurrent memory needs equal-split ubatches (split_equal)")
+        n, T = ub.n_seqs, ub.n_seq_tokens
+        if n > self.n_cells:
+            raise MemoryFullError(f"recurrent memory full: the ubatch has {n} sequences but n_seq_max = {self.n_cells}")
+        sets = [ub.seq_ids[s * T] for s in range(n)]
+        src = [c if m.seqs[c] else -1 for c in range(self.n_cells)]
+        for ids in sets:  # members other than the first take the set's new state
+            for sid in ids[1:]:
+                m.detach(sid)
+        for ids in sets:  # each set gets a cell of its own (copy on write from a shared one)
+            sid = ids[0]
+            t = m.tail[sid]
+            if t >= 0 and len(m.seqs[t]) == 1:
+                continue
+            e = m.first_empty()
+            src[e] = src[t] if t >= 0 else -1
+            m.pos[e] = m.pos[t] if t >= 0 else -1
+            if t >= 0:
+                m.seqs[t].discard(sid)
+            m.seqs[e] = {sid}
+            m.tail[sid] = e
+        start = min(m.tail[ids[0]] for ids in sets)  # n distinct cells >= start: the block fits
+        for s, ids in enumerate(sets):  # gather and reorder into [start, start + n)
+            a, b = start + s, m.tail[ids[0]]
+            if a == b:
+                continue
+            m.pos[a], m.pos[b] = m.pos[b], m.pos[a]
+            m.seqs[a], m.seqs[b] = m.seqs[b], m.seqs[a]
+            src[a], src[b] = src[b], src[a]
+            m.tail = [b if c == a else a if c == b else c for c in m.tail]
+        for s, ids in enumerate(sets):
+            c = start + s
+            m.pos[c] = int(ub.pos[s * T + T - 1])
+            m.seqs[c] = set(ids)
+            for sid in ids:
+                m.tail[sid] = c
+        return start, src
+
+    def _gather(self, src: list[int]) -> None:
+        idx = torch.tensor([max(c, 0) for c in src], dtype=torch.long)
+        zero = torch.tensor([c < 0 for c in src])
+        for tensors in self.states.values():
+            for i, t in enumerate(tensors):
+                new = t[idx.to(t.device)]
+                new[zero.to(t.device)] = 0
+                tensors[i] = new
