@@ -1,0 +1,109 @@
+"""Batch invariance (issue 8): a token's logits never depend on how it was batched.
+
+Everything here is ``torch.equal``, not a tolerance. The negative test turns invariance off and
+shows the same checks then fail, so they can fail.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gguf_runtime import ops
+from gguf_runtime.batch import Batch
+from gguf_runtime.context import Context
+from gguf_runtime.models import load_model
+
+N = 80
+
+
+def toks(n, seed):
+    return torch.randint(3, 2048, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module", params=[("llama-tiny-f32.gguf", torch.float32), ("llama-tiny-f32.gguf", torch.bfloat16),
+                                        ("llama-tiny-Q8_0.gguf", torch.float32), ("llama-tiny-Q4_K_M.gguf", torch.float32)],
+                ids=["f32", "bf16-compute", "Q8_0", "Q4_K_M"])
+def model(request, gguf_dir):
+    name, dtype = request.param
+    return load_model(gguf_dir / name, dtype=dtype)
+
+
+@pytest.fixture(autouse=True)
+def _invariant_on():
+    ops.set_invariant(True)
+    yield
+    ops.set_invariant(True)
+
+
+def alone(model, t, n_ubatch=512):
+    c = Context(model, n_ctx=256, n_ubatch=n_ubatch)
+    c.decode(Batch(t, output=[True] * len(t)))
+    return c.get_logits()
+
+
+def test_ubatch_sizes(model):
+    t = toks(N, 1)
+    ref = alone(model, t)
+    for nub in (1, 7, 64):
+        assert torch.equal(alone(model, t, nub), ref), f"n_ubatch={nub}"
+
+
+@pytest.mark.parametrize("n_par", [4, 8])
+def test_parallel_sequences_with_random_neighbours(model, n_par):
+    t = toks(N, 2)
+    ref = alone(model, t)
+    g = torch.Generator().manual_seed(n_par)
+    seqs = [t] + [toks(int(torch.randint(5, 120, (1,), generator=g)), 100 + k) for k in range(n_par - 1)]
+    # interleave the sequences at random, each keeping its own order
+    owner = torch.tensor([s for s, q in enumerate(seqs) for _ in q])[torch.randperm(sum(map(len, seqs)), generator=g)].tolist()
+    nxt = [iter(q) for q in seqs]
+    b = Batch([next(nxt[s]) for s in owner], seq_ids=[(s,) for s in owner], output=[True] * len(owner))
+    rows = [j for j, s in enumerate(owner) if s == 0]
+    for nub in (7, 64, 512):
+        c = Context(model, n_ctx=1024, n_ubatch=nub, n_seq_max=n_par)
+        c.decode(b)
+        assert torch.equal(c.get_logits()[rows], ref), f"n_ubatch={nub}"
+
+
+def test_cached_decode_equals_recompute(model):
+    t = toks(N, 3)
+    ref = alone(model, t)
+    c = Context(model, n_ctx=256)
+    c.decode(Batch(t[:50], output=[True] * 50))
+    got = [c.get_logits()]
+    for x in t[50:]:
+        c.decode(Batch([x]))
+        got.append(c.logits(-1)[None])
+    assert torch.equal(torch.cat(got), ref)
+
+
+def test_one_vs_two_threads(gguf_dir):
+    model = load_model(gguf_dir / "llama-tiny-f32.gguf")
+    t = toks(N, 4)
+    n0 = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = [alone(model, t, nub) for nub in (1, 64)]
+        torch.set_num_threads(2)
+        b = [alone(model, t, nub) for nub in (1, 64)]
+    finally:
+        torch.set_num_threads(n0)
+    assert all(torch.equal(x, a[0]) for x in a + b)
+
+
+def test_negative_batch_dependent_path_is_caught(gguf_dir):
+    """With invariance off (raw F.linear, fused SDPA), the same checks fail: they can fail."""
+    model = load_model(gguf_dir / "llama-tiny-f32.gguf")
+    t = toks(N, 5)
+    ops.set_invariant(False)
+    ref = alone(model, t)
+    diffs = [not torch.equal(alone(model, t, nub), ref) for nub in (1, 7)]
+    assert any(diffs)
+    # still the same numbers to float tolerance: only the summation order moved
+    torch.testing.assert_close(alone(model, t, 1), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_self_test_is_fast_and_picks_a_rule():
+    rep = ops.self_test()
+    assert rep["norms_invariant"] and rep["min_rows"] >= 1
+    assert rep["seconds"] < 10  # "well under 2 s" on an idle machine; loose bound for a loaded CI box
