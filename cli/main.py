@@ -17,6 +17,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+@app.callback()
+def _root(
+    invariant: bool = typer.Option(True, "--invariant/--no-invariant",
+                                   help="batch-invariant numerics (default); --no-invariant trades them for raw speed"),
+) -> None:
+    from gguf_runtime import ops
+
+    ops.set_invariant(invariant)
+
+
 # (module under gguf_runtime.cli, command name). A module exposes `command(...)`.
 COMMANDS = [
     ("inspect_cmd", "inspect"),
