@@ -188,25 +188,36 @@ def self_test(budget_s: float = 1.5) -> dict:
     return rep
 
 
-def rope_freqs(dim: int, base: float, scaling: dict | None = None) -> torch.Tensor:
-    """Inverse frequencies (dim/2,) in float32 for NeoX/normal RoPE, with GGUF's scaling kinds:
-    none, linear (factor), yarn (handled by caller's attn factor) and llama3 (freq factors)."""
-    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    if scaling:
-        kind = scaling.get("type", "none")
-        if kind == "linear":
-            inv = inv / scaling["factor"]
-        elif kind == "llama3":
-            f, lo, hi, old = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"], scaling["original_context_length"]
-            wavelen = 2 * math.pi / inv
-            smooth = (old / wavelen - lo) / (hi - lo)
-            scaled = torch.where(wavelen > old / lo, inv / f, inv)
-            mid = (wavelen <= old / lo) & (wavelen >= old / hi)
-            inv = torch.where(mid, (1 - smooth) * inv / f + smooth * inv, scaled)
-    return inv.float()
+def rope_freqs(dim: int, base: float, scaling: dict | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (dim/2,) in float32 and the cos/sin magnitude scale, for the RoPE scaling
+    kinds GGUF metadata names (``{arch}.rope.scaling.type``): none, linear (positions / factor) and
+    yarn (ggml's ramp between interpolated and extrapolated frequencies over the correction dims
+    from beta_fast/beta_slow, magnitude ``attn_factor * (1 + 0.1 ln factor)``). Llama-3 style
+    scaling arrives as the ``rope_freqs`` tensor (per-pair frequency divisors) instead."""
+    i = torch.arange(0, dim, 2, dtype=torch.float64)
+    inv = 1.0 / (base ** (i / dim))
+    mscale = 1.0
+    kind = (scaling or {}).get("type", "none")
+    if kind == "linear":
+        inv = inv / scaling["factor"]
+    elif kind == "yarn":
+        factor = scaling["factor"]
+        n_orig = scaling.get("original_context_length") or 4096
+        corr = lambda n_rot: dim * math.log(n_orig / (n_rot * 2 * math.pi)) / (2 * math.log(base))  # noqa: E731
+        lo = max(0.0, math.floor(corr(scaling.get("beta_fast", 32.0))))
+        hi = min(dim - 1.0, math.ceil(corr(scaling.get("beta_slow", 1.0))))
+        ramp = 1 - ((i / 2 - lo) / max(0.001, hi - lo)).clamp(0, 1)  # 1 = keep extrapolated frequency
+        inv = (inv / factor) * (1 - ramp) + inv * ramp
+        mscale = scaling.get("attn_factor", 1.0) * (1.0 + 0.1 * math.log(factor))
+    elif kind not in ("none", None):
+        from .errors import UnsupportedError
+
+        raise UnsupportedError(f"unsupported RoPE scaling type '{kind}' (supported: none, linear, yarn)")
+    return inv.float(), mscale
 
 
-def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, neox: bool, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
+def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, neox: bool, freq_factors: torch.Tensor | None = None,
+         mscale: float = 1.0) -> torch.Tensor:
     """Rotate x (n, heads, d_rot...) at integer positions ``pos`` (n,). Normal (GPT-J/llama.cpp
     'norm') rotates adjacent pairs; NeoX rotates halves. Angles in float32 as ggml computes them."""
     d = inv_freq.numel() * 2
@@ -216,6 +227,8 @@ def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, neox: bool,
         inv = inv / freq_factors.to(x.device)
     theta = pos.to(x.device, torch.float32).unsqueeze(-1) * inv  # (n, d/2)
     cos, sin = theta.cos().unsqueeze(1), theta.sin().unsqueeze(1)
+    if mscale != 1.0:
+        cos, sin = cos * mscale, sin * mscale
     xf = xr.float()
     if neox:
         a, b = xf[..., : d // 2], xf[..., d // 2:]

@@ -200,3 +200,32 @@ def test_smollm2_matches_transformers(smollm2):
         ref = hf(torch.tensor([toks])).logits[0]
     rel = (ctx.get_logits() - ref).abs() / ref.abs().max()
     assert rel.max() < 1e-4
+
+
+@pytest.mark.parametrize("params", [
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+], ids=["linear", "yarn"])
+def test_rope_scaling_matches_transformers(gguf_dir, shared, params):
+    """GGUF rope.scaling.{type,factor,original_context_length} semantics vs transformers' RoPE."""
+    transformers = pytest.importorskip("transformers")
+    from gguf_runtime.reader import GGUFFile
+
+    cfg = transformers.LlamaConfig.from_pretrained(shared / "models" / "llama-tiny-hf")
+    cfg.rope_parameters = {"rope_theta": 10000.0, **params}
+    hf = transformers.LlamaForCausalLM.from_pretrained(shared / "models" / "llama-tiny-hf", config=cfg, dtype=torch.float32).eval()
+    f = GGUFFile(gguf_dir / "llama-tiny-f32.gguf")
+    f.metadata.update({"llama.rope.scaling.type": params["rope_type"], "llama.rope.scaling.factor": params["factor"],
+                       "llama.rope.scaling.original_context_length": params.get("original_max_position_embeddings", 0)})
+    model = load_model(f)
+    assert model.args.rope_scaling["type"] == params["rope_type"]
+    toks = rand_tokens(120, 9)
+    ctx = Context(model, n_ctx=128)
+    ctx.decode(Batch(toks, output=[True] * len(toks)))
+    with torch.no_grad():
+        ref = hf(torch.tensor([toks])).logits[0]
+    assert (ctx.get_logits() - ref).abs().max() / ref.abs().max() < 1e-5
+    # and the scaling changed something (the test can fail)
+    plain = Context(load_model(gguf_dir / "llama-tiny-f32.gguf"), n_ctx=128)
+    plain.decode(Batch(toks, output=[True] * len(toks)))
+    assert (plain.get_logits() - ref).abs().max() / ref.abs().max() > 1e-3

@@ -47,7 +47,10 @@ class ModelArgs:
         st = g("rope.scaling.type")
         if st and st != "none":
             scaling = {"type": st, "factor": float(g("rope.scaling.factor", 1.0)),
-                       "original_context_length": int(g("rope.scaling.original_context_length", 0) or 0)}
+                       "original_context_length": int(g("rope.scaling.original_context_length", 0) or 0),
+                       "attn_factor": float(g("rope.scaling.attn_factor", 1.0)),
+                       "beta_fast": float(g("rope.scaling.yarn_beta_fast", 32.0)),
+                       "beta_slow": float(g("rope.scaling.yarn_beta_slow", 1.0))}
         return cls(
             n_vocab=int(f.tensor_infos["token_embd.weight"].shape[0]),
             n_embd=n_embd,
@@ -76,14 +79,13 @@ class Attention(nn.Module):
         self.wo = nn.Parameter(torch.empty(e, h * d), requires_grad=False)
         self.scale = 1.0 / math.sqrt(d)
 
-    def forward(self, x, pos, layer: int, view: KVView, rope_inv, freq_factors):
+    def forward(self, x, pos, layer: int, view: KVView, rope):
         a = self.args
         n = x.shape[0]
         q = ops.linear(x, self.wq).view(n, a.n_head, a.head_dim)
         k = ops.linear(x, self.wk).view(n, a.n_head_kv, a.head_dim)
         v = ops.linear(x, self.wv).view(n, a.n_head_kv, a.head_dim)
-        q = ops.rope(q, pos, rope_inv, a.rope_neox, freq_factors)
-        k = ops.rope(k, pos, rope_inv, a.rope_neox, freq_factors)
+        q, k = rope(q, pos), rope(k, pos)
         view.store(layer, k, v)
         out = q.new_empty(n, a.n_head, a.head_dim)
         for g in view.groups:
@@ -115,9 +117,9 @@ class Block(nn.Module):
         self.attn = Attention(args)
         self.mlp = MLP(args)
 
-    def forward(self, x, pos, layer, view, rope_inv, freq_factors):
+    def forward(self, x, pos, layer, view, rope):
         eps = self.args.rms_eps
-        x = x + self.attn(ops.rms_norm(x, self.attn_norm, eps), pos, layer, view, rope_inv, freq_factors)
+        x = x + self.attn(ops.rms_norm(x, self.attn_norm, eps), pos, layer, view, rope)
         return x + self.mlp(ops.rms_norm(x, self.ffn_norm, eps))
 
 
@@ -129,7 +131,7 @@ class Model(nn.Module):
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layer))
         self.norm = nn.Parameter(torch.empty(args.n_embd), requires_grad=False)
         self.lm_head = nn.Parameter(torch.empty(args.n_vocab, args.n_embd), requires_grad=False)
-        self.register_buffer("rope_inv", ops.rope_freqs(args.rope_dim, args.rope_base, args.rope_scaling), persistent=False)
+        self.rope_inv, self.rope_mscale = ops.rope_freqs(args.rope_dim, args.rope_base, args.rope_scaling)
         self.freq_factors = None
 
     # -- weights ---------------------------------------------------------------------------------
@@ -168,7 +170,8 @@ class Model(nn.Module):
         weights = cls.sanitize({n: f.tensor(n, device=dev, dtype=dtype) for n in f.tensor_infos})
         freq = weights.pop("freq_factors", None)
         model.load_state_dict(weights, strict=True, assign=True)
-        model.rope_inv = ops.rope_freqs(args.rope_dim, args.rope_base, args.rope_scaling).to(dev)
+        inv, model.rope_mscale = ops.rope_freqs(args.rope_dim, args.rope_base, args.rope_scaling)
+        model.rope_inv = inv.to(dev)
         model.freq_factors = None if freq is None else freq.float()
         model.dtype, model.device = dtype, dev
         return model.eval()
@@ -186,14 +189,15 @@ class Model(nn.Module):
         c = cells.to(self.device)
         for layer in range(self.args.n_layer):
             k = cache.k[layer][c]
+            # a rotation by the delta; the magnitude scale was applied when the key was stored
             cache.k[layer][c] = ops.rope(k.to(self.dtype), deltas, self.rope_inv, self.args.rope_neox, self.freq_factors).to(k.dtype)
 
     # -- compute ---------------------------------------------------------------------------------
     def forward(self, ub, view: KVView) -> torch.Tensor:
         x = self.tok_embd[ub.tokens.to(self.device)]
-        pos = ub.pos
+        rope = lambda t, p: ops.rope(t, p, self.rope_inv, self.args.rope_neox, self.freq_factors, self.rope_mscale)  # noqa: E731
         for i, layer in enumerate(self.layers):
-            x = layer(x, pos, i, view, self.rope_inv, self.freq_factors)
+            x = layer(x, ub.pos, i, view, rope)
         return ops.rms_norm(x, self.norm, self.args.rms_eps)
 
     def output(self, h: torch.Tensor) -> torch.Tensor:
