@@ -410,7 +410,8 @@ def dequantize(raw, qtype: GGMLQuantizationType, shape, device=None, dtype=torch
     if b.numel() != n_el // bs * ts:
         raise GGUFFormatError(f"{qtype.name} tensor of shape {shape} needs {n_el // bs * ts} bytes, got {b.numel()}")
     if qtype in _PLAIN:
-        return b.view(_PLAIN[qtype]).to(dtype).reshape(shape)
+        # a fresh tensor, never a view of the caller's (possibly read-only, memory-mapped) bytes
+        return b.view(_PLAIN[qtype]).to(dtype, copy=b.device.type == "cpu").reshape(shape)
     kernel = _KERNELS[qtype]
     blocks = b.view(-1, ts)
     out = torch.empty(blocks.shape[0], bs, dtype=dtype, device=dev)

@@ -26,6 +26,6 @@ def load(path, device=None, dtype=torch.float32, names=None) -> LoadedGGUF:
     """Open ``path`` and dequantize its tensors (all, or ``names``) onto ``device`` as ``dtype``."""
     f = GGUFFile(path)
     dev = resolve_device(device)
-    wanted = list(f.tensor_infos) if names is None else list(names)
+    wanted = list(f.tensor_infos) if names is None else [f.info(n).name for n in names]  # unknown names fail first
     weights = {n: f.tensor(n, device=dev, dtype=dtype) for n in wanted}
     return LoadedGGUF(Path(path), f.arch, f.metadata, weights, f)
