@@ -176,6 +176,10 @@ def _chunked(encode_many, cut: re.Pattern | None, size: int = 1 << 13):
     return run
 
 
+def _hf_encoder(tok: HFTokenizer):
+    return lambda texts: [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)] if texts else []
+
+
 def _clean_spaces(s: str) -> str:
     """llama.cpp's detokenize clean-up: ' ?' ' !' ' .' ' ,' -> no space, " ' " -> "'", " 's" " 'm" " 're" " 've"."""
     s = re.sub(r" ([?!.,])", r"\1", s)
@@ -273,6 +277,7 @@ class Tokenizer:
         special = sorted((i for i, t in enumerate(self.token_types) if t in (CONTROL, USER_DEFINED, UNKNOWN)),
                          key=lambda i: -len(self.tokens[i].encode()))
         self._specials = {True: special, False: [i for i in special if self.token_types[i] == USER_DEFINED]}
+        self._special_groups = {mode: self._group_by_first_char(ids) for mode, ids in self._specials.items()}
 
         if self.model == "llama":
             self._encode_texts = self._spm_backend()
@@ -377,18 +382,17 @@ class Tokenizer:
             tok.pre_tokenizer = pre_tokenizers.Sequence(
                 [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
                 + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-            return _chunked(lambda texts: [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)],
-                            _LINE_CUT)
+            return _chunked(_hf_encoder(tok), _LINE_CUT)
 
-        newlines = re.compile(r"(\n+)")
+        hf, newlines = _hf_encoder(tok), re.compile(r"(\n+)")
+
+        def whole(p: str) -> bool:  # a run of newlines that is itself a token stays whole (llama.cpp's gemma4 rule)
+            return p in vocab and not p.strip("\n")
 
         def encode(texts: list[str]) -> list[list[int]]:
-            # a run of newlines that is itself a token stays whole (llama.cpp's gemma4 rule)
-            pieces = [[p.replace(" ", "\u2581") for p in newlines.split(t) if p] for t in texts]
-            flat = [p for ps in pieces for p in ps if p not in vocab or p.strip("\n")]
-            enc = iter(tok.encode_batch_fast(flat, add_special_tokens=False) if flat else ())
-            return [[i for p in ps for i in ([vocab[p]] if p in vocab and not p.strip("\n") else next(enc).ids)]
-                    for ps in pieces]
+            lines = [[p.replace(" ", "\u2581") for p in newlines.split(t) if p] for t in texts]
+            enc = iter(hf([p for ps in lines for p in ps if not whole(p)]))
+            return [[i for p in ps for i in ([vocab[p]] if whole(p) else next(enc))] for ps in lines]
         return encode
 
     def _wpm_backend(self, lowercase: bool, strip_accents: bool):
@@ -402,17 +406,42 @@ class Tokenizer:
         tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                                     strip_accents=strip_accents, lowercase=lowercase)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        return _chunked(lambda texts: [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)],
-                        _LINE_CUT)
+        return _chunked(_hf_encoder(tok), _LINE_CUT)
 
     # ---- encoding
+    def _group_by_first_char(self, ids: list[int]) -> dict[str, tuple[list[int], list[int], dict[str, int]]]:
+        groups: dict[str, tuple[list[int], list[int], dict[str, int]]] = {}
+        for i in ids:
+            t = self.tokens[i]
+            members, lengths, table = groups.setdefault(t[0], ([], [], {}))
+            members.append(i)
+            table[t] = i
+            if len(t) not in lengths:
+                lengths.append(len(t))
+        return groups
+
+    def _present(self, text: str, parse_special: bool) -> set[int]:
+        """The special tokens that occur in ``text``: a substring search per token, or for a large family
+        sharing a first character (Gemma's 6,000 ``<...>``), a lookup at every occurrence of that character."""
+        found: set[int] = set()
+        for c, (members, lengths, table) in self._special_groups[parse_special].items():
+            if c not in text:
+                continue
+            if len(members) <= 32:
+                found.update(i for i in members if self.tokens[i] in text)
+                continue
+            p = text.find(c)
+            while p >= 0:
+                found.update(table[s] for n in lengths if (s := text[p:p + n]) in table)
+                p = text.find(c, p + 1)
+        return found
+
     def _partition(self, text: str, parse_special: bool) -> list[str | int]:
         """Split out special tokens: longest first, every occurrence, left to right (tokenizer_st_partition)."""
+        present = self._present(text, parse_special)
         frags: list[str | int] = [text]
-        for tid in self._specials[parse_special]:
+        for tid in (i for i in self._specials[parse_special] if i in present):
             s = self.tokens[tid]
-            if s not in text:
-                continue
             lstrip, rstrip = tid in self._lstrip, tid in self._rstrip
             out: list[str | int] = []
             for fr in frags:
