@@ -1,6 +1,6 @@
 """Tokenizers built from GGUF metadata, giving llama.cpp's token ids (``llama_tokenize``).
 
-Three vocabulary kinds, each run by a native library rather than Python loops:
+The vocabulary kinds, each run by a native library rather than Python loops:
 
 * ``llama`` (SPM): a sentencepiece BPE model serialized from the GGUF's tokens, scores and types;
   sentencepiece merges by score exactly as llama.cpp's SPM session does, with byte fallback.
@@ -10,6 +10,7 @@ Three vocabulary kinds, each run by a native library rather than Python loops:
 * ``bert`` (WPM): a HF ``tokenizers`` WordPiece. llama.cpp's converter stores word-initial pieces
   with a phantom-space prefix (``"\u2581the"``) and continuations bare (``"##ing"`` -> ``"ing"``);
   we map them back to WordPiece's spelling, where greedy longest-match is the same algorithm.
+* ``gemma4``: HF BPE on raw UTF-8 with ``<0xXX>`` byte fallback, spaces as ``\u2581``, split at newlines.
 
 Special tokens are split out first, as llama.cpp's ``tokenizer_st_partition`` does: longest text
 first; user-defined tokens always, control/unknown tokens only with ``parse_special``.
@@ -30,13 +31,14 @@ from tokenizers import models, normalizers, pre_tokenizers
 
 from .errors import GGUFFormatError, UnsupportedError
 
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = (int(t) for t in (
-    TokenType.NORMAL, TokenType.UNKNOWN, TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.UNUSED, TokenType.BYTE))
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = (
+    int(t) for t in (TokenType.NORMAL, TokenType.UNKNOWN, TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.BYTE))
 _ASCII_WS = " \t\n\v\f\r"  # C isspace(), what llama.cpp's lstrip/rstrip attributes strip
 
 # ---- pre-tokenizer regexes, per llama.cpp's llama-vocab.cpp (HF's originals where it adapted them)
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-_LLAMA3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2 = _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
 _QWEN35 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
            r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -219,7 +221,8 @@ class Tokenizer:
             raise UnsupportedError(f"{name}: no tokenizer in this file ({Keys.Tokenizer.MODEL} missing)")
         self.model = str(model)
         if self.model not in _DEFAULT_IDS:
-            raise UnsupportedError(f"{name}: tokenizer model '{self.model}' is not supported ({', '.join(_DEFAULT_IDS)} are)")
+            raise UnsupportedError(
+                f"{name}: tokenizer model '{self.model}' is not supported (supported: {', '.join(_DEFAULT_IDS)})")
         tokens = meta.get(Keys.Tokenizer.LIST)
         if not tokens:
             raise GGUFFormatError(f"{name}: {Keys.Tokenizer.LIST} is missing or empty")
@@ -229,6 +232,7 @@ class Tokenizer:
         if types is not None and len(types) < n:
             raise GGUFFormatError(f"{name}: {Keys.Tokenizer.TOKEN_TYPE} has {len(types)} entries for {n} tokens")
         self.token_types: list[int] = [int(t) for t in types[:n]] if types is not None else [NORMAL] * n
+        file_types = list(self.token_types)  # as converted; token_types gets llama.cpp's by-text overrides
         self.scores: list[float] = list(meta.get(Keys.Tokenizer.SCORES) or [0.0] * n)
         if len(self.scores) < n:
             raise GGUFFormatError(f"{name}: {Keys.Tokenizer.SCORES} has {len(self.scores)} entries for {n} tokens")
@@ -285,7 +289,8 @@ class Tokenizer:
             self._encode_texts = self._bpe_backend(meta, name, regexes, ignore_merges)
         else:
             lower = bool(meta.get(_K + "normalizer.lowercase", True))
-            self._encode_texts = self._wpm_backend(lower, bool(meta.get(_K + "normalizer.strip_accents", lower)))
+            self._encode_texts = self._wpm_backend(file_types, lower,
+                                                   bool(meta.get(_K + "normalizer.strip_accents", lower)))
 
     # ---- construction helpers
     def _find_eog(self, meta: dict) -> None:
@@ -356,9 +361,9 @@ class Tokenizer:
         except Exception as e:  # noqa: BLE001 - one line for the user
             raise GGUFFormatError(f"cannot build the sentencepiece tokenizer from this vocabulary: {e}") from None
         prefix = " " if self.add_space_prefix else ""
-        glued = re.compile("[^\u2581]\u2581")
-        cut = None if any(glued.search(t) for t, k in zip(self.tokens, sp_types) if k == NORMAL and "\u2581" in t[1:]) \
-            else _SPM_CUT
+        glued = re.compile("[^\u2581]\u2581")  # a piece with a space after another character: no safe cut
+        pieces = (t for t, k in zip(self.tokens, sp_types) if k == NORMAL and "\u2581" in t[1:])
+        cut = None if any(glued.search(t) for t in pieces) else _SPM_CUT
         run = _chunked(lambda texts: sp.encode(texts, out_type=int), cut)
         return lambda texts: run([prefix + t for t in texts])
 
@@ -395,9 +400,9 @@ class Tokenizer:
             return [[i for p in ps for i in ([vocab[p]] if whole(p) else next(enc))] for ps in lines]
         return encode
 
-    def _wpm_backend(self, lowercase: bool, strip_accents: bool):
+    def _wpm_backend(self, file_types: list[int], lowercase: bool, strip_accents: bool):
         vocab = {}
-        for i, (t, k) in enumerate(zip(self.tokens, self.token_types)):
+        for i, (t, k) in enumerate(zip(self.tokens, file_types)):
             word = t if k == CONTROL else t[1:] if t.startswith("\u2581") else "##" + t
             vocab.setdefault(word, i)
         unk = self.tokens[self.unk_id] if self.unk_id is not None else "[UNK]"

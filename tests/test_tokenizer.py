@@ -232,7 +232,8 @@ def test_unsupported_and_malformed():
     cases = [
         (UnsupportedError, "no tokenizer", {"general.architecture": "llama"}),
         (UnsupportedError, "'rwkv' is not supported", {**base, "tokenizer.ggml.model": "rwkv"}),
-        (UnsupportedError, "pre-tokenizer 'nonesuch'", {**base, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "nonesuch"}),
+        (UnsupportedError, "pre-tokenizer 'nonesuch'",
+         {**base, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "nonesuch"}),
         (GGUFRuntimeError, "duplicate", {**base, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "a"]}),
         (GGUFRuntimeError, "merges", {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b"]}),
         (GGUFRuntimeError, "token_type", {**base, "tokenizer.ggml.model": "llama", "tokenizer.ggml.token_type": [1]}),
