@@ -146,7 +146,7 @@ SMOLLM_TEXTS = [
 ]
 
 
-def test_smollm2_against_hf_pretokenizer(smollm2):
+def test_smollm2_against_hf_pretokenizer(smollm2, wikitext):
     """SmolLM2's tokenizer.json pipeline (Digits(individual) then ByteLevel's own regex) built with HF's
     native pre-tokenizers over the GGUF's vocab and merges, against ours (llama.cpp's 'smollm' regexes)."""
     f = GGUFFile(smollm2)
@@ -164,6 +164,8 @@ def test_smollm2_against_hf_pretokenizer(smollm2):
         want = ref.encode(text, add_special_tokens=False).ids
         assert tok.encode(text) == want, text
         assert tok.decode(want) == text
+    full = wikitext.read_text(encoding="utf-8")  # long texts are cut into chunks: same ids as uncut
+    assert tok.encode(full) == ref.encode(full, add_special_tokens=False).ids
     chat = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
     assert tok.encode(chat, parse_special=True) == ref.encode(chat, add_special_tokens=False).ids
     assert tok.is_eog(tok.token_to_id["<|im_end|>"]) and not tok.is_eog(tok.token_to_id["<|im_start|>"])
@@ -221,6 +223,8 @@ def test_bert_wordpiece_against_hf(minilm, wikitext, tmp_path):
     assert len(texts) > 250
     for text in texts:
         assert tok.encode(text) == ref.encode(text).ids, text
+    full = wikitext.read_text(encoding="utf-8")[:300_000]  # cut into chunks: same ids as uncut
+    assert tok.encode(full) == ref.encode(full).ids
     special = "[UNK] [CLS] text [SEP]"  # HF always matches its special tokens in text: llama.cpp's parse_special
     assert tok.encode(special, parse_special=True) == ref.encode(special).ids
     assert 100 not in tok.encode(special)
