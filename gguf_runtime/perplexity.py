@@ -51,14 +51,19 @@ class PerplexityResult:
         return self.n_chunks * self.n_ctx / self.seconds if self.seconds else 0.0
 
 
-def check_params(n_tokens: int, n_ctx: int, n_batch: int) -> int:
-    """Validates llama-perplexity's constraints; returns n_chunk_max."""
+def check_batch(n_ctx: int, n_batch: int) -> None:
+    """llama-perplexity's constraints on -c and -b."""
     if n_ctx < 4:
         raise BatchError(f"context size -c {n_ctx} is too small for perplexity (need at least 4)")
     if n_batch <= 0:
         raise BatchError(f"batch size -b must be positive, got {n_batch}")
     if n_batch >= n_ctx and n_batch % n_ctx:
         raise BatchError(f"batch size -b {n_batch} must be below -c {n_ctx} or a multiple of it")
+
+
+def check_params(n_tokens: int, n_ctx: int, n_batch: int) -> int:
+    """Validates -c / -b against the token count; returns n_chunk_max."""
+    check_batch(n_ctx, n_batch)
     if n_tokens < 2 * n_ctx:
         raise BatchError(f"the text tokenizes to only {n_tokens} tokens; perplexity with -c {n_ctx} "
                          f"needs at least {2 * n_ctx}")

@@ -1,0 +1,177 @@
+"""`gguf-runtime perplexity`: llama-perplexity's perplexity, HellaSwag, WinoGrande, multiple choice
+and KL-divergence. Result lines (llama.cpp's) go to stdout, progress and info to stderr. With no -m
+and no -f it scores SmolLM2-135M on the bundled sample text."""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+
+from gguf_runtime.errors import GGUFRuntimeError
+
+COMMAND_KWARGS = {"help": "Perplexity, HellaSwag, WinoGrande, multiple choice and KL-divergence, as llama-perplexity."}
+
+
+def _info(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _out(msg: str = "", end: str = "\n") -> None:
+    sys.stdout.write(msg + end)
+    sys.stdout.flush()
+
+
+@contextmanager
+def _progress(label: str, enabled: bool):
+    """A rich progress bar on stderr; yields ``update(done, total, extra="")``."""
+    if not enabled:
+        yield lambda done, total, extra="": None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  TextColumn("{task.fields[extra]}"), console=Console(stderr=True), transient=True,
+                  redirect_stdout=False) as p:
+        task = p.add_task(label, total=None, extra="")
+        yield lambda done, total, extra="": p.update(task, completed=done, total=total, extra=extra)
+
+
+def command(
+    model: Optional[Path] = typer.Option(None, "-m", "--model", help="GGUF model (default: SmolLM2-135M Q4_1)"),
+    file: Optional[Path] = typer.Option(None, "-f", "--file", help="text / task file (default: bundled sample text)"),
+    ctx_size: int = typer.Option(512, "-c", "--ctx-size", help="chunk length (perplexity) / context per sequence"),
+    batch_size: int = typer.Option(2048, "-b", "--batch-size", help="logical batch: n_batch // c chunks decode together"),
+    ubatch_size: int = typer.Option(512, "-ub", "--ubatch-size", help="physical micro-batch"),
+    chunks: int = typer.Option(-1, "--chunks", help="score at most this many chunks (-1: all)"),
+    threads: int = typer.Option(0, "-t", "--threads", help="CPU threads (0: torch default)"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if present)"),
+    dtype: str = typer.Option("f32", "--dtype", help="compute dtype: f32, f16, bf16"),
+    hellaswag: bool = typer.Option(False, "--hellaswag", help="HellaSwag score of the tasks in -f"),
+    hellaswag_tasks: int = typer.Option(400, "--hellaswag-tasks", help="number of HellaSwag tasks"),
+    winogrande: bool = typer.Option(False, "--winogrande", help="WinoGrande score of the CSV in -f"),
+    winogrande_tasks: int = typer.Option(0, "--winogrande-tasks", help="number of WinoGrande tasks (0: all)"),
+    multiple_choice: bool = typer.Option(False, "--multiple-choice", help="multiple-choice score of the binary task file -f"),
+    multiple_choice_tasks: int = typer.Option(0, "--multiple-choice-tasks", help="number of tasks (0: all)"),
+    kl_divergence_base: Optional[Path] = typer.Option(None, "--kl-divergence-base", "--save-all-logits",
+                                                      help="logits file: written by a perplexity run, read by --kl-divergence"),
+    kl_divergence: bool = typer.Option(False, "--kl-divergence", help="KL-divergence against --kl-divergence-base"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar on stderr"),
+):
+    from gguf_runtime import fixtures, tasks
+    from gguf_runtime.models import load_model
+    from gguf_runtime.reader import GGUFFile
+    from gguf_runtime.tokenizer import Tokenizer
+
+    modes = [n for n, on in (("--hellaswag", hellaswag), ("--winogrande", winogrande),
+                             ("--multiple-choice", multiple_choice), ("--kl-divergence", kl_divergence)) if on]
+    if len(modes) > 1:
+        raise GGUFRuntimeError(f"choose one of {', '.join(modes)}")
+    mode = modes[0] if modes else "perplexity"
+    if kl_divergence and kl_divergence_base is None:
+        raise GGUFRuntimeError("--kl-divergence needs --kl-divergence-base FILE (written by an earlier run)")
+    if mode in ("--hellaswag", "--winogrande", "--multiple-choice") and file is None:
+        raise GGUFRuntimeError(f"{mode} needs -f TASK_FILE")
+    for name, v in (("-c", ctx_size), ("-b", batch_size), ("-ub", ubatch_size)):
+        if v <= 0:
+            raise GGUFRuntimeError(f"{name} must be positive, got {v}")
+    if mode == "perplexity":
+        from gguf_runtime.perplexity import check_batch
+
+        check_batch(ctx_size, batch_size)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    dt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
+    if dt is None:
+        raise GGUFRuntimeError(f"unknown --dtype '{dtype}' (use f32, f16 or bf16)")
+
+    if model is None:
+        model = fixtures.smollm2_path()
+        _info(f"model: {model} (default)")
+    if mode == "perplexity" and file is None:
+        file = fixtures.bundled_text()
+        _info(f"text: {file} (bundled sample)")
+    f = GGUFFile(model)
+    tok = Tokenizer.from_gguf(f)
+    m = load_model(f, device=device, dtype=dt)
+    bos = tok.bos_id if tok.add_bos else None
+
+    if mode == "--kl-divergence":
+        base = tasks.LogitsFile.read(kl_divergence_base)
+        _info(f"kl_divergence: computing over {base.n_chunk} chunks, n_ctx={base.n_ctx}, batch_size={batch_size}")
+        with _progress("KL-divergence", progress) as upd:
+            tasks.kl_divergence(m, base, batch_size, ubatch_size, bos, emit=_out, progress=upd)
+        return
+
+    data = tasks.read_prompt_file(file)
+    if mode == "perplexity":
+        _perplexity(m, tok, data, ctx_size, batch_size, ubatch_size, chunks, bos, kl_divergence_base, progress)
+        return
+
+    ctx = tasks.make_task_context(m, ctx_size, batch_size, ubatch_size)
+    text = data.decode("utf-8", errors="replace")
+    if mode == "--hellaswag":
+        all_tasks = tasks.load_hellaswag(text)
+        _info(f"hellaswag_score : loaded {len(all_tasks)} tasks from prompt.")
+        chosen = tasks.select_hellaswag(all_tasks, hellaswag_tasks)
+        _info(f"hellaswag_score : selecting {len(chosen)} {'randomized' if len(chosen) < len(all_tasks) else 'the first'} tasks.")
+        with _progress("HellaSwag", progress) as upd:
+            tasks.hellaswag(ctx, tok, chosen, emit=_out, progress=upd)
+    elif mode == "--winogrande":
+        data_w = tasks.load_winogrande(text, warn=lambda s: _info(f"load_winogrande_from_csv: {s}"))
+        if not data_w:
+            raise GGUFRuntimeError(f"no WinoGrande tasks in {file}")
+        _info(f"winogrande_score : loaded {len(data_w)} tasks from prompt.")
+        if 0 < winogrande_tasks < len(data_w):
+            data_w = [data_w[i] for i in tasks.pick_swap_remove(len(data_w), winogrande_tasks)]
+        with _progress("WinoGrande", progress) as upd:
+            tasks.winogrande(ctx, tok, data_w, emit=_out, progress=upd)
+    else:
+        mc = tasks.load_multiple_choice(data, multiple_choice_tasks)
+        _info(f"multiple_choice_score : scoring {len(mc)} tasks")
+        with _progress("multiple choice", progress) as upd:
+            tasks.multiple_choice(ctx, tok, mc, emit=_out, progress=upd)
+
+
+def _perplexity(m, tok, data: bytes, n_ctx: int, n_batch: int, n_ubatch: int, chunks: int, bos: int | None,
+                base_path: Path | None, show: bool) -> None:
+    from gguf_runtime import tasks
+    from gguf_runtime.perplexity import make_context, perplexity
+
+    ids = torch.tensor(tok.encode(data.decode("utf-8", errors="replace"), add_special=True), dtype=torch.long)
+    n_chunk = len(ids) // n_ctx if chunks < 0 else min(chunks, len(ids) // n_ctx)
+    n_seq = max(1, n_batch // n_ctx)
+    _info(f"perplexity: tokenized the input into {len(ids)} tokens")
+    _info(f"perplexity: calculating perplexity over {n_chunk} chunks, n_ctx={n_ctx}, batch_size={min(n_batch, n_seq * n_ctx)}, n_seq={n_seq}")
+    writer = None
+    if base_path is not None:
+        if n_chunk <= 0 or len(ids) < 2 * n_ctx:
+            raise GGUFRuntimeError(f"the text tokenizes to only {len(ids)} tokens; -c {n_ctx} needs at least {2 * n_ctx}")
+        writer = tasks.LogitsWriter(base_path, n_ctx, m.args.n_vocab, n_chunk, ids)
+        _info(f"perplexity: saving all logits to {base_path}")
+    line: list[str] = []
+    try:
+        with _progress("perplexity", show) as upd:
+            def on_chunk(i: int, ppl: float) -> None:
+                line.append(f"[{i + 1}]{ppl:.4f},")
+                upd(i + 1, n_chunk, f"PPL {ppl:.4f}")
+                if not show:
+                    _out(line[-1], end="")
+
+            r = perplexity(make_context(m, n_ctx, n_batch, n_ubatch), ids, n_ctx, n_batch, n_ubatch, chunks, bos,
+                           on_chunk=on_chunk, on_logits=writer)
+        if show:
+            _out("".join(line), end="")
+        _out()
+        if writer is not None:
+            writer.close()
+            writer = None
+    finally:
+        if writer is not None:
+            writer.abort()
+    _out(f"Final estimate: PPL = {r.ppl:.4f} +/- {r.ppl_err:.5f}")
+    _info(f"perplexity: {r.n_chunks * r.n_ctx} tokens in {r.seconds:.2f} s ({r.tokens_per_s:.1f} tokens/s)")

@@ -1,0 +1,121 @@
+"""perplexity: llama.cpp's published figures, transformers scoring the same chunks, split invariance,
+the CLI's lines and errors."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gguf_runtime.errors import BatchError, UnsupportedError
+from gguf_runtime.models import load_model
+from gguf_runtime.perplexity import perplexity, token_nll
+from gguf_runtime.reader import GGUFFile
+from gguf_runtime.tokenizer import Tokenizer
+
+# llama-perplexity (b4748, CPU) -c 128 over the first 200,000 bytes of wikitext-2-test.txt (../shared/README.md)
+LLAMA_TINY_PPL, LLAMA_TINY_ERR = 587.9062, 5.57153
+MAMBA_TINY_PPL, MAMBA_TINY_ERR = 503.3301, 5.02208
+
+
+def _wiki_tokens(gguf_path, wikitext) -> tuple[torch.Tensor, Tokenizer]:
+    tok = Tokenizer.from_gguf(GGUFFile(gguf_path))
+    text = wikitext.read_bytes()[:200_000].decode("utf-8")
+    return torch.tensor(tok.encode(text, add_special=True)), tok
+
+
+@pytest.fixture(scope="module")
+def tiny(gguf_dir, wikitext):
+    path = gguf_dir / "llama-tiny-f32.gguf"
+    toks, tok = _wiki_tokens(path, wikitext)
+    return load_model(path), toks, tok
+
+
+def test_llama_tiny_matches_llama_cpp(tiny):
+    model, toks, tok = tiny
+    assert tok.add_bos
+    r = perplexity(model, toks, n_ctx=128, bos=tok.bos_id)
+    assert r.n_chunks == 683 and r.n_scored == 683 * 63
+    assert abs(r.ppl - LLAMA_TINY_PPL) / LLAMA_TINY_PPL < 1e-4
+    assert abs(r.ppl_err - LLAMA_TINY_ERR) / LLAMA_TINY_ERR < 1e-3
+    assert len(r.chunk_ppl) == 683 and r.chunk_ppl[-1] == r.ppl
+
+
+def test_same_chunks_as_transformers(tiny, shared):
+    """transformers' Llama scoring the same chunks (BOS first, second half) gives the same NLLs."""
+    transformers = pytest.importorskip("transformers")
+    model, toks, tok = tiny
+    hf = transformers.LlamaForCausalLM.from_pretrained(shared / "models" / "llama-tiny-hf", torch_dtype=torch.float32).eval()
+    n_ctx, n = 128, 6
+    r = perplexity(model, toks, n_ctx=n_ctx, n_chunks=n, bos=tok.bos_id)
+    chunks = toks[:n * n_ctx].view(n, n_ctx).clone()
+    chunks[:, 0] = tok.bos_id
+    with torch.inference_mode():
+        logits = hf(chunks).logits
+    ref = [float(token_nll(logits[i, 64:127], chunks[i, 65:]).mean()) for i in range(n)]
+    assert r.chunk_nll == pytest.approx(ref, rel=2e-6)
+    nll = torch.tensor(ref, dtype=torch.float64).mean().item()
+    assert r.ppl == pytest.approx(math.exp(nll), rel=2e-6)
+
+
+@pytest.mark.parametrize("n_batch,n_ubatch,n_chunks", [(128, 1, 2), (64, 64, 24), (512, 37, 24), (1024, 512, 24)])
+def test_split_invariance(tiny, n_batch, n_ubatch, n_chunks):
+    """Every -b / -ub gives the same running PPL to the last bit (hence to every printed digit)."""
+    model, toks, tok = tiny
+    ref = perplexity(model, toks, n_ctx=128, n_batch=2048, n_ubatch=512, n_chunks=n_chunks, bos=tok.bos_id)
+    r = perplexity(model, toks, n_ctx=128, n_batch=n_batch, n_ubatch=n_ubatch, n_chunks=n_chunks, bos=tok.bos_id)
+    assert r.chunk_ppl == ref.chunk_ppl and r.ppl_err == ref.ppl_err
+    assert [f"{p:.4f}" for p in r.chunk_ppl] == [f"{p:.4f}" for p in ref.chunk_ppl]
+
+
+def test_bad_parameters(tiny):
+    model, toks, tok = tiny
+    with pytest.raises(BatchError, match="multiple"):
+        perplexity(model, toks, n_ctx=128, n_batch=300)
+    with pytest.raises(BatchError, match="at least 256"):
+        perplexity(model, toks[:200], n_ctx=128)
+
+
+def test_mamba_matches_llama_cpp(gguf_dir, wikitext):
+    path = gguf_dir / "mamba-tiny-f32.gguf"
+    try:
+        model = load_model(path)
+    except UnsupportedError as e:
+        pytest.skip(f"Mamba not available yet: {e}")
+    toks, tok = _wiki_tokens(path, wikitext)
+    r = perplexity(model, toks, n_ctx=128, bos=tok.bos_id if tok.add_bos else None)
+    assert r.n_chunks == 683
+    assert abs(r.ppl - MAMBA_TINY_PPL) / MAMBA_TINY_PPL < 1e-4
+    assert abs(r.ppl_err - MAMBA_TINY_ERR) / MAMBA_TINY_ERR < 1e-3
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "gguf_runtime.cli.main", "perplexity", "--no-progress", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_lines(gguf_dir, wikitext, tmp_path, tiny):
+    text = tmp_path / "wiki.txt"
+    text.write_bytes(wikitext.read_bytes()[:200_000])
+    p = _cli("-m", str(gguf_dir / "llama-tiny-f32.gguf"), "-f", str(text), "-c", "128", "--chunks", "20")
+    assert p.returncode == 0, p.stderr
+    model, toks, tok = tiny
+    ref = perplexity(model, toks, n_ctx=128, n_chunks=20, bos=tok.bos_id)
+    lines = p.stdout.splitlines()
+    assert lines[0] == "".join(f"[{i + 1}]{v:.4f}," for i, v in enumerate(ref.chunk_ppl))
+    assert lines[-1] == f"Final estimate: PPL = {ref.ppl:.4f} +/- {ref.ppl_err:.5f}"
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["-f", "/nonexistent/text.txt"], "file not found"),
+    (["-c", "128", "-b", "300"], "must be below -c 128 or a multiple"),
+    (["--kl-divergence"], "needs --kl-divergence-base"),
+    (["--hellaswag"], "needs -f"),
+])
+def test_cli_errors(gguf_dir, args, msg):
+    p = _cli("-m", str(gguf_dir / "llama-tiny-f32.gguf"), *args, timeout=120)
+    assert p.returncode == 2
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and msg in last and "Traceback" not in p.stderr
