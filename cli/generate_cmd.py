@@ -61,6 +61,7 @@ def command(
     t0 = time.perf_counter()
     t_first = None
     out: list[int] = []
+    base = tok.decode(ids, skip_special=True)  # decode prompt + output together: spacing stays right
     prev = ""
     for t in generate(ctx, ids, n_predict, sampler, is_eog=tok.is_eog):
         if t_first is None:
@@ -68,7 +69,9 @@ def command(
         if tok.is_eog(t):
             break
         out.append(t)
-        text = tok.decode(out)
+        text = tok.decode(ids + out, skip_special=True)[len(base):]
+        if text.endswith("\ufffd"):  # half of a UTF-8 character: wait for the rest
+            continue
         sys.stdout.write(text[len(prev):])
         sys.stdout.flush()
         prev = text
