@@ -34,7 +34,7 @@ _PLAIN: dict[GGMLQuantizationType, torch.dtype] = {
 }
 
 # Output elements per chunk: a few MiB of float32 keeps intermediates in cache on CPU.
-_CHUNK_CPU = 1 << 18
+_CHUNK_CPU = 1 << 20
 _CHUNK_CUDA = 1 << 26
 
 
@@ -42,15 +42,28 @@ _CHUNK_CUDA = 1 << 26
 # lookup tables, built once from gguf-py's classes, cached per device
 
 
-def _sign_table(ksigns: bytes) -> np.ndarray:
-    """(128, 8) float32 of +-1: bit j of ksigns[i] set -> -1."""
-    bits = np.unpackbits(np.frombuffer(ksigns, dtype=np.uint8)[:, None], axis=1, bitorder="little")
-    return np.where(bits == 0, np.float32(1), np.float32(-1)).astype(np.float32)
+def _sign_rows(patterns: np.ndarray) -> np.ndarray:
+    """Bytes -> (len, 8) float32 of +-1: bit j set -> -1 in column j."""
+    bits = np.unpackbits(patterns.astype(np.uint8)[:, None], axis=1, bitorder="little")
+    return np.where(bits == 0, np.float32(1), np.float32(-1))
 
 
 def _grid(cls) -> np.ndarray:
     cls.init_grid()
     return np.ascontiguousarray(cls.grid.reshape(cls.grid_shape), dtype=np.float32)
+
+
+def _signed_grid(cls) -> np.ndarray:
+    """Grid rows times each of the 128 ksigns patterns: row g * 128 + s = grid[g] * signs[s]."""
+    signs = _sign_rows(np.frombuffer(gq.IQ2_XXS.ksigns, dtype=np.uint8))
+    return (_grid(cls)[:, None, :] * signs[None]).reshape(-1, 8)
+
+
+def _pairs(values) -> np.ndarray:
+    """(256, 2) float32: a byte's low-nibble and high-nibble entries of a 16-entry table."""
+    v = np.asarray(values, dtype=np.float32)
+    b = np.arange(256)
+    return np.stack([v[b & 15], v[b >> 4]], axis=1)
 
 
 def _e8m0_half() -> np.ndarray:
@@ -67,130 +80,120 @@ def _ue4m3_half() -> np.ndarray:
     return np.where((x == 0) | (x == 0x7F), 0.0, v).astype(np.float32)
 
 
+def _iq1_rows() -> np.ndarray:
+    """IQ1 grid rows plus delta: row i -> grid[i] + 0.125, row 2048 + i -> grid[i] - 0.125."""
+    g = _grid(gq.IQ1_S)
+    return np.concatenate([g + gq.IQ1_S.delta, g - gq.IQ1_S.delta])
+
+
 _TABLES_NP: dict[str, np.ndarray] = {
-    "ksigns": _sign_table(gq.IQ2_XXS.ksigns),
-    "iq2xxs": _grid(gq.IQ2_XXS),
-    "iq2xs": _grid(gq.IQ2_XS),
-    "iq2s": _grid(gq.IQ2_S),
-    "iq3xxs": _grid(gq.IQ3_XXS),
-    "iq3s": _grid(gq.IQ3_S),
-    "iq1s": _grid(gq.IQ1_S),
-    "iq4nl": np.array(gq.IQ4_NL.kvalues, dtype=np.float32),
-    "fp4": np.array(gq.MXFP4.kvalues, dtype=np.float32),
-    "e8m0": _e8m0_half(),
-    "ue4m3": _ue4m3_half(),
+    "ksigns": _sign_rows(np.frombuffer(gq.IQ2_XXS.ksigns, dtype=np.uint8)),  # (128, 8)
+    "signs": _sign_rows(np.arange(256)),  # (256, 8): explicit sign bytes
+    "iq2xxs": _signed_grid(gq.IQ2_XXS),  # (256 * 128, 8)
+    "iq2xs": _signed_grid(gq.IQ2_XS),  # (512 * 128, 8)
+    "iq2s": _grid(gq.IQ2_S),  # (1024, 8)
+    "iq3xxs": _grid(gq.IQ3_XXS),  # (256, 4)
+    "iq3s": _grid(gq.IQ3_S),  # (512, 4)
+    "iq1": _iq1_rows(),  # (4096, 8)
+    "iq4nl": _pairs(gq.IQ4_NL.kvalues),
+    "fp4": _pairs(gq.MXFP4.kvalues),
+    "e8m0": _e8m0_half()[:, None],
+    "ue4m3": _ue4m3_half()[:, None],
 }
 
 
 @lru_cache(maxsize=None)
 def _table(name: str, device: torch.device) -> Tensor:
-    return torch.from_numpy(_TABLES_NP[name]).to(device)
-
-
-@lru_cache(maxsize=None)
-def _arange(start: int, stop: int, step: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.arange(start, stop, step, dtype=dtype, device=device)
+    return torch.from_numpy(np.ascontiguousarray(_TABLES_NP[name])).to(device)
 
 
 def _lut(name: str, idx: Tensor) -> Tensor:
-    """Rows of table ``name`` at integer indices ``idx`` -> idx.shape + row shape."""
+    """Rows of table ``name`` at integer indices ``idx``: idx.shape + (row length,)."""
     tab = _table(name, idx.device)
-    return tab[idx.to(torch.int64)]
+    return torch.index_select(tab, 0, idx.reshape(-1).to(torch.int32)).view(*idx.shape, tab.shape[1])
 
 
 # ---------------------------------------------------------------------------------------------
-# byte-level helpers (b: (n, type_size) uint8 blocks)
+# byte-level helpers (b: (n, type_size) uint8 blocks, contiguous, even offsets for 16-bit views)
 
 
 def _f16(b: Tensor, off: int, count: int = 1) -> Tensor:
     """``count`` little-endian fp16 values at byte ``off`` of each block -> (n, count) float32."""
-    return b[:, off:off + 2 * count].contiguous().view(torch.float16).float()
+    return b.view(torch.float16)[:, off // 2:off // 2 + count].float()
 
 
 def _u16(b: Tensor, off: int, count: int) -> Tensor:
     """``count`` little-endian uint16 at byte ``off`` -> (n, count) int32."""
-    return b[:, off:off + 2 * count].contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    return b.view(torch.int16)[:, off // 2:off // 2 + count].to(torch.int32) & 0xFFFF
 
 
-def _u32(b: Tensor, off: int, count: int) -> Tensor:
-    """``count`` little-endian uint32 at byte ``off`` -> (n, count) int64."""
-    x = b[:, off:off + 4 * count].reshape(b.shape[0], count, 4).to(torch.int64)
-    return x[..., 0] | (x[..., 1] << 8) | (x[..., 2] << 16) | (x[..., 3] << 24)
+def _unpack(x: Tensor, bits: int, group: int) -> Tensor:
+    """Bit fields of uint8 ``x`` (n, m): each run of ``group`` bytes gives its lowest fields, then
+    the next ones, ... -> (n, m * 8 // bits) uint8, the layout every ggml type uses."""
+    n, m = x.shape
+    xv = x.reshape(n, m // group, group)
+    out = torch.empty(n, m // group, 8 // bits, group, dtype=torch.uint8, device=x.device)
+    out[:, :, 0] = xv
+    for j in range(1, 8 // bits):  # over the fields of a byte, not over blocks
+        torch.bitwise_right_shift(xv, j * bits, out=out[:, :, j])
+    if bits < 8:
+        out.bitwise_and_((1 << bits) - 1)
+    return out.view(n, -1)
 
 
-def _split(x: Tensor, bits: int, width: int, group: int) -> Tensor:
-    """Unpack ``bits``-bit fields: x (n, m) viewed as (n, m/group, 1, group), shifted by
-    0, bits, 2*bits, ... -> (n, m/group, width/bits, group), masked."""
-    n = x.shape[0]
-    sh = _arange(0, width, bits, x.dtype, x.device).view(1, 1, -1, 1)
-    return (x.reshape(n, -1, 1, group) >> sh) & ((1 << bits) - 1)
+def _as_int8(q: Tensor, offset: int) -> Tensor:
+    """uint8 codes minus ``offset``, wrapping, read as int8 (ggml's signed codes)."""
+    return q.sub_(offset).view(torch.int8)
 
 
-def _nibbles(x: Tensor, group: int) -> Tensor:
-    """Low nibbles of each ``group`` bytes, then their high nibbles -> (n, m*2)."""
-    return _split(x, 4, 8, group).reshape(x.shape[0], -1)
-
-
-def _bits(x: Tensor) -> Tensor:
-    """Bit j of byte i -> element 8*i + j: (n, m) -> (n, 8*m) uint8."""
-    sh = _arange(0, 8, 1, x.dtype, x.device)
-    return ((x.unsqueeze(-1) >> sh) & 1).reshape(x.shape[0], -1)
-
-
-def _signs(bits: Tensor) -> Tensor:
-    """0/1 sign bits -> +1/-1 float32."""
-    return 1.0 - 2.0 * bits.to(torch.float32)
+def _scaled(q: Tensor, d: Tensor, out: Tensor, groups: int) -> Tensor:
+    """out = d * q, with q (n, bs) and one scale per group of (n, groups) values."""
+    n = q.shape[0]
+    return torch.mul(q.view(n, groups, -1), d.view(n, groups, 1), out=out.view(n, groups, -1))
 
 
 # ---------------------------------------------------------------------------------------------
-# kernels: (n, type_size) uint8 -> (n, block_size) float32, in gguf-py's order of operations
+# kernels: kernel(b, out) fills out (n, block_size) float32 from b (n, type_size) uint8, with
+# gguf-py's float32 operations in gguf-py's order
 
 
-def _q4_0(b: Tensor) -> Tensor:
-    q = _nibbles(b[:, 2:], 16).to(torch.int8) - 8
-    return _f16(b, 0) * q.float()
+def _q4_0(b: Tensor, out: Tensor) -> None:
+    torch.mul(_as_int8(_unpack(b[:, 2:], 4, 16), 8).float(), _f16(b, 0), out=out)
 
 
-def _q4_1(b: Tensor) -> Tensor:
-    q = _nibbles(b[:, 4:], 16).float()
-    return _f16(b, 0) * q + _f16(b, 2)
+def _q4_1(b: Tensor, out: Tensor) -> None:
+    torch.mul(_unpack(b[:, 4:], 4, 16).float(), _f16(b, 0), out=out).add_(_f16(b, 2))
 
 
 def _q5(b: Tensor, off: int) -> Tensor:
-    return _nibbles(b[:, off + 4:], 16) | (_bits(b[:, off:off + 4]) << 4)
+    return _unpack(b[:, off + 4:], 4, 16).bitwise_or_(_unpack(b[:, off:off + 4], 1, 1).bitwise_left_shift_(4))
 
 
-def _q5_0(b: Tensor) -> Tensor:
-    return _f16(b, 0) * (_q5(b, 2).to(torch.int8) - 16).float()
+def _q5_0(b: Tensor, out: Tensor) -> None:
+    torch.mul(_as_int8(_q5(b, 2), 16).float(), _f16(b, 0), out=out)
 
 
-def _q5_1(b: Tensor) -> Tensor:
-    return _f16(b, 0) * _q5(b, 4).float() + _f16(b, 2)
+def _q5_1(b: Tensor, out: Tensor) -> None:
+    torch.mul(_q5(b, 4).float(), _f16(b, 0), out=out).add_(_f16(b, 2))
 
 
-def _q8_0(b: Tensor) -> Tensor:
-    return b[:, 2:].view(torch.int8).float() * _f16(b, 0)
+def _q8_0(b: Tensor, out: Tensor) -> None:
+    torch.mul(b[:, 2:].view(torch.int8).float(), _f16(b, 0), out=out)
 
 
-def _q2_k(b: Tensor) -> Tensor:
-    n = b.shape[0]
-    sc = b[:, :16]
-    dl = (_f16(b, 80) * (sc & 0xF).float()).view(n, 16, 1)
-    ml = (_f16(b, 82) * (sc >> 4).float()).view(n, 16, 1)
-    q = _split(b[:, 16:80], 2, 8, 32).reshape(n, 16, 16).float()
-    return (dl * q - ml).view(n, 256)
+def _q2_k(b: Tensor, out: Tensor) -> None:
+    n, sc = b.shape[0], b[:, :16]
+    dl = _f16(b, 80) * (sc & 0xF).float()
+    ml = _f16(b, 82) * (sc >> 4).float()
+    _scaled(_unpack(b[:, 16:80], 2, 32).float(), dl, out, 16).sub_(ml.view(n, 16, 1))
 
 
-def _q3_k(b: Tensor) -> Tensor:
-    n = b.shape[0]
-    lo = _split(b[:, 96:104], 4, 8, 8).reshape(n, 16)
-    hi = _split(b[:, 104:108], 2, 8, 4).reshape(n, 16)
-    sc = ((lo | (hi << 4)).to(torch.int8) - 32).float()
-    dl = (_f16(b, 108) * sc).view(n, 16, 1)
-    ql = _split(b[:, 32:96], 2, 8, 32).reshape(n, 16, 16)
-    qh = _split(b[:, :32], 1, 8, 32).reshape(n, 16, 16) ^ 1
-    q = (ql.to(torch.int8) - (qh << 2).to(torch.int8)).float()
-    return (dl * q).view(n, 256)
+def _q3_k(b: Tensor, out: Tensor) -> None:
+    lo, hi = _unpack(b[:, 96:104], 4, 8), _unpack(b[:, 104:108], 2, 4)
+    dl = _f16(b, 108) * _as_int8(lo.bitwise_or_(hi.bitwise_left_shift_(4)), 32).float()
+    hmask = _unpack(b[:, :32], 1, 32).bitwise_xor_(1).bitwise_left_shift_(2)  # offset 4 where the bit is 0
+    q = _unpack(b[:, 32:96], 2, 32).sub_(hmask).view(torch.int8)
+    _scaled(q.float(), dl, out, 16)
 
 
 def _k_scale_min(s: Tensor) -> tuple[Tensor, Tensor]:
@@ -201,162 +204,141 @@ def _k_scale_min(s: Tensor) -> tuple[Tensor, Tensor]:
     return sc.float(), mn.float()
 
 
-def _q45_k(b: Tensor, q: Tensor) -> Tensor:
-    n = b.shape[0]
+def _q45_k(b: Tensor, q: Tensor, out: Tensor) -> None:
     sc, mn = _k_scale_min(b[:, 4:16])
-    d = (_f16(b, 0) * sc).view(n, 8, 1)
-    dm = (_f16(b, 2) * mn).view(n, 8, 1)
-    return (d * q.view(n, 8, 32).float() - dm).view(n, 256)
+    dm = _f16(b, 2) * mn
+    _scaled(q.float(), _f16(b, 0) * sc, out, 8).sub_(dm.view(-1, 8, 1))
 
 
-def _q4_k(b: Tensor) -> Tensor:
-    return _q45_k(b, _nibbles(b[:, 16:], 32))
+def _q4_k(b: Tensor, out: Tensor) -> None:
+    _q45_k(b, _unpack(b[:, 16:], 4, 32), out)
 
 
-def _q5_k(b: Tensor) -> Tensor:
-    qh = _split(b[:, 16:48], 1, 8, 32).reshape(b.shape[0], 256)
-    return _q45_k(b, _nibbles(b[:, 48:], 32) | (qh << 4))
+def _q5_k(b: Tensor, out: Tensor) -> None:
+    _q45_k(b, _unpack(b[:, 48:], 4, 32).bitwise_or_(_unpack(b[:, 16:48], 1, 32).bitwise_left_shift_(4)), out)
 
 
-def _q6_k(b: Tensor) -> Tensor:
+def _q6_k(b: Tensor, out: Tensor) -> None:
+    d = _f16(b, 208) * b[:, 192:208].view(torch.int8).float()
+    q = _unpack(b[:, :128], 4, 64).bitwise_or_(_unpack(b[:, 128:192], 2, 32).bitwise_left_shift_(4))
+    _scaled(_as_int8(q, 32).float(), d, out, 16)
+
+
+def _tq1_0(b: Tensor, out: Tensor) -> None:
     n = b.shape[0]
-    d = (_f16(b, 208) * b[:, 192:208].view(torch.int8).float()).view(n, 16, 1)
-    ql = _nibbles(b[:, :128], 64)
-    qh = _split(b[:, 128:192], 2, 8, 32).reshape(n, 256)
-    q = ((ql | (qh << 4)).to(torch.int8) - 32).float()
-    return (d * q.view(n, 16, 16)).view(n, 256)
-
-
-def _tq1_0(b: Tensor) -> Tensor:
-    n = b.shape[0]
-    pow3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.uint8, device=b.device).view(1, 1, 5, 1)
-    q0 = (b[:, :32].reshape(n, 1, 1, 32) * pow3).reshape(n, -1)  # uint8 products wrap, as in ggml
-    q1 = (b[:, 32:48].reshape(n, 1, 1, 16) * pow3).reshape(n, -1)
-    qh = (b[:, 48:52].reshape(n, 1, 1, 4) * pow3[:, :, :4]).reshape(n, -1)
-    q = torch.cat([q0, q1, qh], dim=1)
+    q = torch.empty(n, 256, dtype=torch.uint8, device=b.device)
+    parts = ((b[:, :32], q[:, :160], 5), (b[:, 32:48], q[:, 160:240], 5), (b[:, 48:52], q[:, 240:], 4))
+    for src, dst, k in parts:  # digit j of each base-3 byte: the byte times 3^j, wrapping in uint8
+        for j in range(k):
+            torch.mul(src, 3 ** j, out=dst.view(n, k, -1)[:, j])
     q = ((q.to(torch.int16) * 3) >> 8).to(torch.int8) - 1
-    return _f16(b, 52) * q.float()
+    torch.mul(q.float(), _f16(b, 52), out=out)
 
 
-def _tq2_0(b: Tensor) -> Tensor:
-    q = _split(b[:, :64], 2, 8, 32).reshape(b.shape[0], 256).to(torch.int8) - 1
-    return _f16(b, 64) * q.float()
+def _tq2_0(b: Tensor, out: Tensor) -> None:
+    torch.mul(_as_int8(_unpack(b[:, :64], 2, 32), 1).float(), _f16(b, 64), out=out)
 
 
-def _mxfp4(b: Tensor) -> Tensor:
-    d = _lut("e8m0", b[:, :1])
-    return d * _lut("fp4", _nibbles(b[:, 1:], 16))
+def _nibble_lut(name: str, qs: Tensor, d: Tensor, out: Tensor, groups: int) -> None:
+    """out = d * table[nibble] for qs (n, groups * g) bytes whose low nibbles come first in
+    each group of 2 * g values; d holds one scale per group."""
+    n = qs.shape[0]
+    v = _lut(name, qs).view(n, groups, -1, 2).transpose(2, 3)  # (n, groups, 2, g)
+    torch.mul(v, d.view(n, groups, 1, 1), out=out.view(n, groups, 2, -1))
 
 
-def _nvfp4(b: Tensor) -> Tensor:
+def _mxfp4(b: Tensor, out: Tensor) -> None:
+    _nibble_lut("fp4", b[:, 1:], _lut("e8m0", b[:, 0]), out, 1)
+
+
+def _nvfp4(b: Tensor, out: Tensor) -> None:
+    _nibble_lut("fp4", b[:, 4:], _lut("ue4m3", b[:, :4]), out, 4)
+
+
+def _iq4_nl(b: Tensor, out: Tensor) -> None:
+    _nibble_lut("iq4nl", b[:, 2:], _f16(b, 0), out, 1)
+
+
+def _iq4_xs(b: Tensor, out: Tensor) -> None:
+    lo = _unpack(b[:, 4:8], 4, 1)
+    hi = (_u16(b, 2, 1) >> torch.arange(0, 16, 2, device=b.device, dtype=torch.int32)) & 3
+    sc = _as_int8(lo.bitwise_or_(hi.to(torch.uint8).bitwise_left_shift_(4)), 32).float()
+    _nibble_lut("iq4nl", b[:, 8:], _f16(b, 0) * sc, out, 8)
+
+
+def _scale4(b: Tensor, off: int, n_bytes: int) -> Tensor:
+    """Two 4-bit scales per byte (low nibble first) -> float32."""
+    return _unpack(b[:, off:off + n_bytes], 4, 1).float()
+
+
+def _aux32(b: Tensor, off: int, count: int) -> Tensor:
+    """``count`` little-endian uint32 at byte ``off`` (2-byte aligned) as int32 bit patterns."""
+    h = _u16(b, off, 2 * count).view(-1, count, 2)
+    return h[..., 0] | (h[..., 1] << 16)
+
+
+def _ksign_idx(aux: Tensor) -> Tensor:
+    """Four 7-bit ksigns indices in the low 28 bits -> (..., 4)."""
+    return torch.stack([(aux >> s) & 0x7F for s in (0, 7, 14, 21)], dim=-1)
+
+
+def _iq2_xxs(b: Tensor, out: Tensor) -> None:
     n = b.shape[0]
-    d = _lut("ue4m3", b[:, :4]).view(n, 4, 1)
-    qs = b[:, 4:].reshape(n, 4, 8)
-    q = _lut("fp4", torch.cat([qs & 0xF, qs >> 4], dim=-1))
-    return (d * q).view(n, 64)
+    aux = _aux32(b, 2, 16).view(n, 8, 2)
+    grid_idx = b[:, 2:66].view(n, 8, 8)[:, :, :4].to(torch.int32)  # 4 grid bytes, then aux[1]
+    db = _f16(b, 0) * (0.5 + ((aux[..., 1] >> 28) & 0xF).float()) * 0.25
+    g = _lut("iq2xxs", grid_idx * 128 + _ksign_idx(aux[..., 1]))  # (n, 8, 4, 8), signs folded in
+    _scaled(g.view(n, 256), db, out, 8)
 
 
-def _iq4_nl(b: Tensor) -> Tensor:
-    return _f16(b, 0) * _lut("iq4nl", _nibbles(b[:, 2:], 16))
+def _iq2_xs(b: Tensor, out: Tensor) -> None:
+    n, qs = b.shape[0], _u16(b, 2, 32)
+    db = _f16(b, 0) * (0.5 + _scale4(b, 66, 8)) * 0.25
+    g = _lut("iq2xs", (qs & 511) * 128 + (qs >> 9))
+    _scaled(g.view(n, 256), db, out, 16)
 
 
-def _iq4_xs(b: Tensor) -> Tensor:
+def _iq2_s(b: Tensor, out: Tensor) -> None:
     n = b.shape[0]
-    lo = _split(b[:, 4:8], 4, 8, 1).reshape(n, 8)
-    hi = (_u16(b, 2, 1) >> _arange(0, 16, 2, torch.int32, b.device)) & 3
-    sc = ((lo | (hi.to(torch.uint8) << 4)).to(torch.int8) - 32).float()
-    dl = (_f16(b, 0) * sc).view(n, 8, 1)
-    q = _lut("iq4nl", _nibbles(b[:, 8:], 16)).view(n, 8, 32)
-    return (dl * q).view(n, 256)
+    db = _f16(b, 0) * (0.5 + _scale4(b, 74, 8)) * 0.25
+    idx = b[:, 2:34].to(torch.int32) | (_unpack(b[:, 66:74], 2, 1).to(torch.int32) << 8)
+    _scaled(_lut("iq2s", idx).view(n, 256), db, out, 16).view(n, 32, 8).mul_(_lut("signs", b[:, 34:66]))
 
 
-def _iq_scale4(b: Tensor, off: int, d: Tensor, mul: float) -> Tensor:
-    """4-bit scales at ``off`` (two per byte): d * (0.5 + s) * mul -> (n, 16)."""
-    s = _split(b[:, off:off + 8], 4, 8, 1).reshape(b.shape[0], 16).float()
-    return d * (0.5 + s) * mul
+def _iq3_xxs(b: Tensor, out: Tensor) -> None:
+    n, aux = b.shape[0], _aux32(b, 66, 8)
+    db = _f16(b, 0) * (0.5 + ((aux >> 28) & 0xF).float()) * 0.5
+    g = _lut("iq3xxs", b[:, 2:66])  # (n, 64, 4)
+    _scaled(g.view(n, 256), db, out, 8).view(n, 32, 8).mul_(_lut("ksigns", _ksign_idx(aux)).view(n, 32, 8))
 
 
-def _iq_xxs(b: Tensor, grid: str, qs_len: int, mul: float) -> Tensor:
-    """IQ2_XXS / IQ3_XXS: 8 groups of 32, each with a uint32 of 4 seven-bit sign indices and a
-    four-bit scale; grid indices are one byte each."""
+def _iq3_s(b: Tensor, out: Tensor) -> None:
     n = b.shape[0]
-    aux = _u32(b, 2 + qs_len, 8) if grid == "iq3xxs" else _u32(b, 2, 16).view(n, 8, 2)[..., 1]
-    idx = b[:, 2:2 + qs_len] if grid == "iq3xxs" else b[:, 2:66].reshape(n, 8, 8)[:, :, :4]
-    db = (_f16(b, 0) * (0.5 + (aux >> 28).float()) * mul).view(n, 8, 1, 1)
-    sidx = (aux.unsqueeze(-1) >> _arange(0, 28, 7, torch.int64, b.device)) & 0x7F
-    signs = _lut("ksigns", sidx)  # (n, 8, 4, 8)
-    g = _lut(grid, idx).reshape(n, 8, 4, 8)
-    return (db * g * signs).view(n, 256)
+    db = _f16(b, 0) * (1 + 2 * _unpack(b[:, 106:110], 4, 1)).float()
+    idx = b[:, 2:66].to(torch.int32) | (_unpack(b[:, 66:74], 1, 1).to(torch.int32) << 8)
+    _scaled(_lut("iq3s", idx).view(n, 256), db, out, 8).view(n, 32, 8).mul_(_lut("signs", b[:, 74:106]))
 
 
-def _iq2_xxs(b: Tensor) -> Tensor:
-    return _iq_xxs(b, "iq2xxs", 64, 0.25)
+def _iq1_s(b: Tensor, out: Tensor) -> None:
+    n, qh = b.shape[0], _u16(b, 34, 8)
+    dl = _f16(b, 0) * (2 * ((qh >> 12) & 7) + 1).float()
+    hi = torch.stack([(qh >> s) & 7 for s in (0, 3, 6, 9)], dim=-1).view(n, 32)
+    idx = b[:, 2:34].to(torch.int32) | (hi << 8) | ((qh >> 15) << 11).repeat_interleave(4, dim=1)
+    _scaled(_lut("iq1", idx).view(n, 256), dl, out, 8)
 
 
-def _iq3_xxs(b: Tensor) -> Tensor:
-    return _iq_xxs(b, "iq3xxs", 64, 0.5)
-
-
-def _iq2_xs(b: Tensor) -> Tensor:
-    n = b.shape[0]
-    qs = _u16(b, 2, 32)
-    db = _iq_scale4(b, 66, _f16(b, 0), 0.25).view(n, 16, 1, 1)
-    signs = _lut("ksigns", qs >> 9).view(n, 16, 2, 8)
-    g = _lut("iq2xs", qs & 511).view(n, 16, 2, 8)
-    return (db * g * signs).view(n, 256)
-
-
-def _iq2_s(b: Tensor) -> Tensor:
-    n = b.shape[0]
-    db = _iq_scale4(b, 74, _f16(b, 0), 0.25).view(n, 16, 1, 1)
-    signs = _signs(_bits(b[:, 34:66])).view(n, 16, 2, 8)
-    qh = _split(b[:, 66:74], 2, 8, 1).reshape(n, 32)
-    idx = b[:, 2:34].to(torch.int32) | (qh.to(torch.int32) << 8)
-    g = _lut("iq2s", idx).view(n, 16, 2, 8)
-    return (db * g * signs).view(n, 256)
-
-
-def _iq3_s(b: Tensor) -> Tensor:
-    n = b.shape[0]
-    sc = _split(b[:, 106:110], 4, 8, 1).reshape(n, 8)
-    db = (_f16(b, 0) * (1 + 2 * sc).float()).view(n, 8, 1, 1)
-    signs = _signs(_bits(b[:, 74:106])).view(n, 8, 4, 8)
-    idx = b[:, 2:66].to(torch.int32) | (_bits(b[:, 66:74]).to(torch.int32) << 8)
-    g = _lut("iq3s", idx).view(n, 8, 4, 8)
-    return (db * g * signs).view(n, 256)
-
-
-def _delta(bit_set: Tensor) -> Tensor:
-    return torch.where(bit_set, -0.125, 0.125).to(torch.float32)
-
-
-def _iq1_s(b: Tensor) -> Tensor:
-    n = b.shape[0]
-    qh = _u16(b, 34, 8)  # (n, 8)
-    dl = (_f16(b, 0) * (2 * ((qh >> 12) & 7) + 1).float()).view(n, 8, 1, 1)
-    delta = _delta((qh & 0x8000) != 0).view(n, 8, 1, 1)
-    hi = (qh.unsqueeze(-1) >> _arange(0, 12, 3, torch.int32, b.device)) & 7
-    idx = b[:, 2:34].to(torch.int32) | (hi.reshape(n, 32) << 8)
-    g = _lut("iq1s", idx).view(n, 8, 4, 8)
-    return (dl * (g + delta)).view(n, 256)
-
-
-def _iq1_m(b: Tensor) -> Tensor:
-    n = b.shape[0]
-    sc = _u16(b, 48, 4)  # (n, 4); the fp16 super-scale is spread over their top nibbles
-    top = (sc & 0xF000) >> _arange(12, -1, -4, torch.int32, b.device)
-    bits = top[:, 0] | top[:, 1] | top[:, 2] | top[:, 3]
+def _iq1_m(b: Tensor, out: Tensor) -> None:
+    n, sc = b.shape[0], _u16(b, 48, 4)  # the fp16 super-scale is spread over their top nibbles
+    bits = (sc[:, 0] >> 12) | ((sc[:, 1] >> 8) & 0xF0) | ((sc[:, 2] >> 4) & 0xF00) | (sc[:, 3] & 0xF000)
     d = bits.to(torch.int16).view(torch.float16).float().view(n, 1)
-    s = (sc.unsqueeze(-1) >> _arange(0, 12, 3, torch.int32, b.device)) & 7
-    dl = (d * (2 * s.reshape(n, 16) + 1).float()).view(n, 8, 2, 1, 1)
-    qh = _split(b[:, 32:48], 4, 8, 1).reshape(n, 32)
-    idx = b[:, :32].to(torch.int32) | ((qh & 7).to(torch.int32) << 8)
-    delta = _delta((qh & 8) != 0).view(n, 8, 2, 2, 1)
-    g = _lut("iq1s", idx).view(n, 8, 2, 2, 8)
-    return (dl * (g + delta)).view(n, 256)
+    s = torch.stack([(sc >> k) & 7 for k in (0, 3, 6, 9)], dim=-1).view(n, 16)
+    dl = d * (2 * s + 1).float()
+    qh = _unpack(b[:, 32:48], 4, 1).to(torch.int32)  # (n, 32): 3 index bits and a delta sign each
+    idx = b[:, :32].to(torch.int32) | ((qh & 7) << 8) | ((qh & 8) << 8)
+    _scaled(_lut("iq1", idx).view(n, 256), dl, out, 16)
 
 
-_KERNELS: dict[GGMLQuantizationType, Callable[[Tensor], Tensor]] = {
+_KERNELS: dict[GGMLQuantizationType, Callable[[Tensor, Tensor], None]] = {
     T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q5_0: _q5_0, T.Q5_1: _q5_1, T.Q8_0: _q8_0,
     T.Q2_K: _q2_k, T.Q3_K: _q3_k, T.Q4_K: _q4_k, T.Q5_K: _q5_k, T.Q6_K: _q6_k,
     T.IQ1_S: _iq1_s, T.IQ1_M: _iq1_m, T.IQ2_XXS: _iq2_xxs, T.IQ2_XS: _iq2_xs, T.IQ2_S: _iq2_s,
@@ -389,9 +371,13 @@ def _as_uint8(raw, device: torch.device) -> Tensor:
     return t.to(device)
 
 
-def dequantize(raw, qtype: GGMLQuantizationType, shape, device=None, dtype=torch.float32) -> Tensor:
+def dequantize(raw, qtype: GGMLQuantizationType, shape, device=None, dtype=torch.float32,
+               out: Tensor | None = None) -> Tensor:
     """Dequantize ``raw`` (the tensor's bytes, uint8 tensor or array) of ggml type ``qtype`` into a
-    tensor of ``shape`` (torch order, outermost first) on ``device`` with ``dtype``."""
+    tensor of ``shape`` (torch order, outermost first) on ``device`` with ``dtype``.
+
+    ``out``: optional contiguous floating tensor of that shape to write into (its device and dtype
+    then take the place of ``device`` and ``dtype``); it is returned."""
     try:
         qtype = GGMLQuantizationType(int(qtype))
     except ValueError:
@@ -403,19 +389,32 @@ def dequantize(raw, qtype: GGMLQuantizationType, shape, device=None, dtype=torch
     n_el = math.prod(shape)
     if any(s < 0 for s in shape) or (shape[-1] if shape else 1) % bs:
         raise GGUFFormatError(f"shape {shape} is not valid for {qtype.name} (rows must be a multiple of {bs})")
-    if device is None:
+    if out is not None:
+        if tuple(out.shape) != shape or not out.is_contiguous() or not out.is_floating_point():
+            raise ValueError(f"out must be a contiguous floating tensor of shape {shape}")
+        device, dtype = out.device, out.dtype
+    elif device is None:
         device = raw.device if isinstance(raw, Tensor) else "cpu"
     dev = torch.device(device)
     b = _as_uint8(raw, dev)
     if b.numel() != n_el // bs * ts:
         raise GGUFFormatError(f"{qtype.name} tensor of shape {shape} needs {n_el // bs * ts} bytes, got {b.numel()}")
     if qtype in _PLAIN:
+        if out is not None:
+            return out.copy_(b.view(_PLAIN[qtype]).view(shape))
         # a fresh tensor, never a view of the caller's (possibly read-only, memory-mapped) bytes
         return b.view(_PLAIN[qtype]).to(dtype, copy=b.device.type == "cpu").reshape(shape)
     kernel = _KERNELS[qtype]
     blocks = b.view(-1, ts)
-    out = torch.empty(blocks.shape[0], bs, dtype=dtype, device=dev)
+    nb = blocks.shape[0]
+    res = (torch.empty(shape, dtype=dtype, device=dev) if out is None else out).view(nb, bs)
     step = max(1, (_CHUNK_CPU if dev.type == "cpu" else _CHUNK_CUDA) // bs)
-    for i in range(0, blocks.shape[0], step):
-        out[i:i + step] = kernel(blocks[i:i + step])
-    return out.view(shape)
+    tmp = None if dtype == torch.float32 else torch.empty(min(step, nb), bs, device=dev)
+    for i in range(0, nb, step):  # chunks of many blocks
+        chunk = blocks[i:i + step]
+        if tmp is None:
+            kernel(chunk, res[i:i + step])
+        else:
+            kernel(chunk, tmp[:chunk.shape[0]])
+            res[i:i + step] = tmp[:chunk.shape[0]]
+    return res.view(shape) if out is None else out

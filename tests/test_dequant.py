@@ -63,6 +63,9 @@ def test_random_blocks_bit_exact(name):
     t = dequantize(torch.from_numpy(raw.copy()), qtype, (24, per_row * bs), dtype=torch.float16)
     assert t.dtype == torch.float16
     assert torch.equal(t, torch.from_numpy(ref).to(torch.float16))
+    buf = torch.full((24, per_row * bs), 7.0, dtype=torch.bfloat16)  # into a caller's buffer
+    assert dequantize(raw, qtype, buf.shape, out=buf) is buf
+    assert torch.equal(buf, torch.from_numpy(ref).to(torch.bfloat16))
     # unfiltered bytes: NaN exactly where gguf-py has NaN, identical bits elsewhere
     wild = rng.integers(0, 256, size=(64, per_row * ts), dtype=np.uint8)
     r, o = _reference(wild, qtype), dequantize(wild, qtype, (64, per_row * bs)).numpy()
