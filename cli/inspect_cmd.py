@@ -35,8 +35,9 @@ def _plain(v):
 def _summary(f: GGUFFile, key: str):
     """The value, or for long arrays a summary holding their length (vocabularies, merges)."""
     v = f.metadata[key]
-    if isinstance(v, list) and len(v) > _LIST_MAX:
-        return {"type": _vtype(f, key), "length": len(v), "head": _plain(v[:3])}
+    if isinstance(v, (list, np.ndarray)) and len(v) > _LIST_MAX:  # numpy: huge numeric arrays
+        head = v[:3].tolist() if isinstance(v, np.ndarray) else v[:3]
+        return {"type": _vtype(f, key), "length": len(v), "head": _plain(head)}
     return _plain(v)
 
 

@@ -7,8 +7,8 @@ on: the same code runs on CPU and CUDA. The arithmetic follows gguf-py's referen
 bit-identical to ``gguf.quants.dequantize``. Lookup tables (IQ grids, sign patterns, non-linear
 4-bit values) are taken from gguf-py's own classes at import time, never retyped.
 
-Large tensors are processed in chunks of whole blocks so that the intermediates stay in cache on
-CPU (and bounded in memory on CUDA); the loop is over chunks of thousands of blocks.
+Large tensors are processed in chunks of about a million values (whole blocks) so that the
+intermediates stay in cache on CPU and bounded on CUDA; the loop is over chunks, never over blocks.
 """
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """GGUF reading: a validating header parser over a read-only memory map.
 
+Metadata values are plain Python values (str, int, float, bool, lists of them), except numeric
+arrays of more than 2^20 elements, which stay read-only numpy views of the map.
+
 ``GGUFFile(path)`` checks the whole header before anything else touches the file: magic, version
 (2 or 3), counts that fit in the file, string and array lengths inside the file, known value and
 ggml type ids, tensor dimensions (at most 4, non-negative, no overflow), offsets aligned to
@@ -38,6 +41,7 @@ _MIN_KV = 8 + 4 + 1  # key length, value type, smallest value
 _MIN_TENSOR_INFO = 8 + 4 + 4 + 8  # name length, n_dims, type, offset
 _MAX_DIMS = 4
 _MAX_DEPTH = 4  # nesting of arrays of arrays
+_LIST_MAX = 1 << 20  # longer numeric arrays stay read-only numpy views instead of Python lists
 _INT64_MAX = (1 << 63) - 1
 
 
@@ -110,9 +114,9 @@ class _Header:
         n = self.count(self.unpack("<Q", f"length of {what}"), _MIN_SIZE[itype], f"length of {what}")
         if itype in _SCALARS:
             dt = np.dtype("<" + _SCALARS[itype])
-            vals = np.frombuffer(self.buf, dtype=dt, count=n, offset=self.pos).tolist()
+            vals = np.frombuffer(self.buf, dtype=dt, count=n, offset=self.pos)
             self.pos += n * dt.itemsize
-            return vals
+            return vals.tolist() if n <= _LIST_MAX else vals
         if itype == V.STRING:
             return self.strings(n, what)
         return [self.value(itype, f"{what}[{i}]", depth + 1) for i in range(n)]
@@ -223,6 +227,8 @@ class GGUFFile:
             raise GGUFFormatError(f"{where}: no such file")
         if self.path.is_dir():
             raise GGUFFormatError(f"{where}: is a directory, not a GGUF file")
+        if not self.path.is_file():
+            raise GGUFFormatError(f"{where}: not a regular file")
         try:
             with open(self.path, "rb") as f:
                 self.file_size = f.seek(0, 2)

@@ -14,6 +14,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import quantize
 
 from gguf_runtime import GGUFFile, load
+from gguf_runtime.cli.inspect_cmd import report
 from gguf_runtime.cli.main import main
 from gguf_runtime.errors import GGUFFormatError, GGUFRuntimeError
 from gguf_runtime.reader import TensorNotFoundError
@@ -176,11 +177,27 @@ def test_bad_input(case, good, tmp_path, monkeypatch, capsys):
     assert expect in _one_line_error(bad, monkeypatch, capsys)
 
 
-def test_missing_and_directory(tmp_path, monkeypatch, capsys):
-    for path, expect in ((tmp_path / "missing.gguf", "no such file"), (tmp_path, "directory")):
+def test_missing_directory_device(tmp_path, monkeypatch, capsys):
+    cases = [(tmp_path / "missing.gguf", "no such file"), (tmp_path, "directory"), (Path("/dev/null"), "regular file")]
+    for path, expect in cases:
         with pytest.raises(GGUFFormatError, match=expect):
             GGUFFile(path)
         assert expect in _one_line_error(path, monkeypatch, capsys)
+
+
+def test_huge_numeric_array_stays_numpy(tmp_path):
+    vals = np.arange((1 << 20) + 5, dtype="<u2")
+    kv = [(b"test.big", struct.pack("<IIQ", 9, 2, vals.size) + vals.tobytes()),  # ARRAY of UINT16
+          (b"test.small", struct.pack("<IIQff", 9, 6, 2, 1.5, 2.5))]  # ARRAY of FLOAT32
+    data = b"GGUF" + struct.pack("<IQQ", 3, 0, len(kv))
+    data += b"".join(struct.pack("<Q", len(k)) + k + v for k, v in kv)
+    (path := tmp_path / "big.gguf").write_bytes(data)
+    f = GGUFFile(path)
+    big = f.metadata["test.big"]
+    assert isinstance(big, np.ndarray) and not big.flags.writeable and np.array_equal(big, vals)
+    assert f.metadata["test.small"] == [1.5, 2.5] and f.field_types["test.big"][1].name == "UINT16"
+    rep = report(f)["metadata"]  # inspect summarises it like any long array
+    assert rep["test.big"] == {"type": "array[uint16]", "length": vals.size, "head": [0, 1, 2]}
 
 
 def test_every_prefix_and_byte_flips(good, tmp_path):
