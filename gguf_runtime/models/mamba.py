@@ -153,9 +153,12 @@ class Model(nn.Module):
         with torch.device("meta"):
             model = cls(args)
         weights = cls.sanitize({n: f.tensor(n, device=dev, dtype=dtype) for n in f.tensor_infos})
-        missing = sorted(set(model.state_dict()) - set(weights))
-        if missing:
-            raise GGUFFormatError(f"{f.path.name}: missing tensor(s) for mamba: {', '.join(missing[:4])}")
+        for n, p in model.state_dict().items():
+            if n not in weights:
+                raise GGUFFormatError(f"{f.path.name}: mamba tensor missing for '{n}'")
+            if weights[n].shape != p.shape:
+                raise GGUFFormatError(f"{f.path.name}: mamba tensor '{n}' has shape {tuple(weights[n].shape)}, "
+                                      f"expected {tuple(p.shape)} from the metadata")
         model.load_state_dict(weights, strict=False, assign=True)
         model.dtype, model.device = dtype, dev
         return model.eval()
