@@ -127,22 +127,23 @@ def test_ubatch_split_and_neighbours_are_bitwise_invariant(model):
             out.append(c.get_logits())
         assert torch.equal(torch.cat(out), ref), f"{step} tokens per decode"
         assert all(torch.equal(x, y) for x, y in zip(states(c, 0), ref_state))
-    # beside 4 other sequences of other lengths, interleaved at random; ubatches of 5 sequences x
-    # 1, 7 or 64 tokens (then fewer sequences as the short ones end)
+    # beside 4 other sequences of other lengths, interleaved at random, one of them 13 tokens ahead
+    # (other chunk offsets in the same ubatch); ubatches of 5 sequences x 1, 7 or 64 tokens
     g = torch.Generator().manual_seed(5)
-    seqs = [t] + [toks(n, 10 + k) for k, n in enumerate((3, 40, 95, 17))]
+    head, seqs = toks(13, 9), [t] + [toks(n, 10 + k) for k, n in enumerate((3, 40, 95, 17))]
     owner = torch.tensor([s for s, q in enumerate(seqs) for _ in q])[torch.randperm(sum(map(len, seqs)), generator=g)]
     nxt = [iter(q) for q in seqs]
     batch = Batch([next(nxt[s]) for s in owner.tolist()], seq_ids=[(s,) for s in owner.tolist()],
                   output=[True] * len(owner))
     for n_ubatch in (5, 35, 320):
         c = ctx(model, n_seq=5, n_ubatch=n_ubatch)
+        c.decode(Batch(head, seq_ids=[(3,)] * 13))
         c.decode(batch)
         mine = (owner == 0).nonzero().flatten().tolist()
         assert torch.equal(torch.stack([c.logits(i) for i in mine]), ref), f"n_ubatch={n_ubatch}"
         assert all(torch.equal(x, y) for x, y in zip(states(c, 0), ref_state))
         other = (owner == 3).nonzero().flatten().tolist()  # user order holds for the others too
-        assert torch.equal(torch.stack([c.logits(i) for i in other]), alone(model, seqs[3]))
+        assert torch.equal(torch.stack([c.logits(i) for i in other]), alone(model, head + seqs[3])[13:])
 
 
 def test_perplexity_chunks_per_batch_invariant(model, gguf_dir, wikitext):
