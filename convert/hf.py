@@ -121,17 +121,17 @@ def convert(model_dir: str | Path, outfile: str | Path | None = None, outtype: s
 
     generated = dict(conv.generated())
 
+    def encoded(src: str, name: str, outs: list[TensorPlan]) -> list[tuple[str, np.ndarray]]:
+        """One checkpoint tensor's outputs; the tensor itself is released on return."""
+        want = {p.name: p.qtype for p in outs}
+        return [(new, _encode(t, want[new])) for new, t in conv.transform(name, _as_float(ckpt.load(src))) if new in want]
+
     def data() -> Iterator[tuple[str, np.ndarray]]:
         for src, name, outs in sources:
             if src is None:
                 yield name, _encode(generated[name], outs[0].qtype)
-                continue
-            if not outs:
-                continue
-            wanted = {p.name: p for p in outs}
-            for new, t in conv.transform(name, _as_float(ckpt.load(src))):
-                if new in wanted:
-                    yield new, _encode(t, wanted[new].qtype)
+            elif outs:
+                yield from encoded(src, name, outs)
 
     return write_gguf(w, out, plans, data(), progress, f"convert {model_dir.name}")
 

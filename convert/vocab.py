@@ -159,8 +159,9 @@ def pre_tokenizer(tok, spec: dict) -> str:
     raise ConvertError(f"unrecognised BPE pre-tokenizer (probe hash {h}); llama.cpp does not know it either")
 
 
-def base_vocab(d: Path, vocab_size: int | None) -> tuple[list[str], list[int], str]:
-    """Tokens, token types and pre-tokenizer name of tokenizer.json, as get_vocab_base builds them."""
+def base_vocab(d: Path, vocab_size: int | None) -> tuple[list[str], list[int], str, dict]:
+    """Tokens, token types and pre-tokenizer name of tokenizer.json, as get_vocab_base builds them
+    (and the parsed tokenizer.json)."""
     tok, spec = _tokenizer(d)
     vocab = tok.get_vocab(with_added_tokens=True)
     added = tok.get_added_tokens_decoder()
@@ -186,22 +187,27 @@ def base_vocab(d: Path, vocab_size: int | None) -> tuple[list[str], list[int], s
         else:
             types.append(TokenType.NORMAL)
         tokens.append(t)
-    return tokens, types, pre_tokenizer(tok, spec)
+    return tokens, types, pre_tokenizer(tok, spec), spec
 
 
 def gpt2(w: gguf.GGUFWriter, d: Path, vocab_size: int | None) -> None:
-    tokens, types, pre = base_vocab(d, vocab_size)
+    tokens, types, pre, spec = base_vocab(d, vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
-    _special(w, d, merges=True)
+    sv = _special(w, d, merges=True)
+    if (spec.get("post_processor") or {}).get("type") == "ByteLevel":
+        # a byte-level post-processor adds no BOS/EOS: newer llama.cpp writes that down
+        for typ, add in (("bos", w.add_add_bos_token), ("eos", w.add_add_eos_token)):
+            if typ not in sv.add_special_token:
+                add(False)
 
 
 def bert(w: gguf.GGUFWriter, d: Path, vocab_size: int | None, type_vocab_size: int) -> None:
     """WordPiece as llama.cpp's BertModel writes it: "##x" -> "x", other non-control tokens get
     the phantom space "\u2581"."""
-    tokens, types, pre = base_vocab(d, vocab_size)
+    tokens, types, pre, spec = base_vocab(d, vocab_size)
     tokens = [t if ty == TokenType.CONTROL else t[2:] if t.startswith("##") else "\u2581" + t
               for t, ty in zip(tokens, types)]
     w.add_token_type_count(type_vocab_size)
@@ -210,7 +216,7 @@ def bert(w: gguf.GGUFWriter, d: Path, vocab_size: int | None, type_vocab_size: i
     w.add_token_list(tokens)
     w.add_token_types(types)
     _special(w, d, n_vocab=len(tokens))
-    if (lower := _lowercase(_json(d / "tokenizer.json").get("normalizer") or {})) is not None:
+    if (lower := _lowercase(spec.get("normalizer") or {})) is not None:
         # newer llama.cpp writes this; gguf-py 0.19 has no constant for the key yet
         w.add_bool(getattr(gguf.Keys.Tokenizer, "NORMALIZER_LOWERCASE", "tokenizer.ggml.normalizer.lowercase"), lower)
 
