@@ -30,14 +30,17 @@ TYPES = [
 ]
 
 
+CLOCK = time.perf_counter
+
+
 def best(fn, repeat: int, sync=lambda: None) -> float:
     times = []
     for _ in range(repeat):
         sync()
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
         sync()
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK() - t0)
     return min(times)
 
 
@@ -82,13 +85,19 @@ def main() -> None:
     ap.add_argument("--file", nargs="*", help="benchmark the tensors of these GGUF files instead")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--thread-time", action="store_true",
+                    help="one CPU thread, timed by its CPU time (time.thread_time): steady numbers on a busy machine")
     args = ap.parse_args()
+    if args.thread_time:
+        global CLOCK
+        CLOCK, args.threads = time.thread_time, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {platform.processor() or platform.machine()}"
+    clock = "CPU time of the thread" if args.thread_time else "wall clock"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads ({clock}), {platform.processor() or platform.machine()}"
           + (f", CUDA: {torch.cuda.get_device_name()}" if cuda else ", no CUDA device"))
     head = ("| type | MB | gguf-py GB/s | ours CPU GB/s | speed-up | ours CPU, out= GB/s | speed-up |"
             + (" ours CUDA GB/s | CUDA speed-up |" if cuda else ""))

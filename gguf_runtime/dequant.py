@@ -88,7 +88,7 @@ def _iq1_rows() -> np.ndarray:
 
 _TABLES_NP: dict[str, np.ndarray] = {
     "ksigns": _sign_rows(np.frombuffer(gq.IQ2_XXS.ksigns, dtype=np.uint8)),  # (128, 8)
-    "signs": _sign_rows(np.arange(256)),  # (256, 8): explicit sign bytes
+    "signs": _sign_rows(np.arange(256)),  # (256, 8): explicit sign bytes as +-1
     "iq2xxs": _signed_grid(gq.IQ2_XXS),  # (256 * 128, 8)
     "iq2xs": _signed_grid(gq.IQ2_XS),  # (512 * 128, 8)
     "iq2s": _grid(gq.IQ2_S),  # (1024, 8)
@@ -97,6 +97,7 @@ _TABLES_NP: dict[str, np.ndarray] = {
     "iq1": _iq1_rows(),  # (4096, 8)
     "iq4nl": _pairs(gq.IQ4_NL.kvalues),
     "fp4": _pairs(gq.MXFP4.kvalues),
+    "bits": np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little"),  # (256, 8)
     "e8m0": _e8m0_half()[:, None],
     "ue4m3": _ue4m3_half()[:, None],
 }
@@ -128,17 +129,38 @@ def _u16(b: Tensor, off: int, count: int) -> Tensor:
 
 
 def _unpack(x: Tensor, bits: int, group: int) -> Tensor:
-    """Bit fields of uint8 ``x`` (n, m): each run of ``group`` bytes gives its lowest fields, then
-    the next ones, ... -> (n, m * 8 // bits) uint8, the layout every ggml type uses."""
+    """Bit fields of uint8 ``x`` (n, m) in the layout every ggml type uses: each run of ``group``
+    bytes gives its lowest fields, then the next ones, ... -> (n, m // group, 8 // bits, group).
+
+    Runs of 32+ bytes are unpacked field-major (one long contiguous pass per field position) and
+    returned as a permuted view in block order, left for the float conversion to put in place;
+    shorter runs are written in block order directly (cheaper when rows are that short)."""
     n, m = x.shape
-    xv = x.reshape(n, m // group, group)
-    out = torch.empty(n, m // group, 8 // bits, group, dtype=torch.uint8, device=x.device)
-    out[:, :, 0] = xv
-    for j in range(1, 8 // bits):  # over the fields of a byte, not over blocks
-        torch.bitwise_right_shift(xv, j * bits, out=out[:, :, j])
+    k = 8 // bits
+    if group >= 32:
+        x = x.contiguous()
+        out = torch.empty(k, n, m, dtype=torch.uint8, device=x.device)
+        fields = [out[j] for j in range(k)]
+    else:
+        out = torch.empty(n, m // group, k, group, dtype=torch.uint8, device=x.device)
+        x = x.reshape(n, m // group, group)
+        fields = [out[:, :, j] for j in range(k)]
+    fields[0].copy_(x)
+    for j in range(1, k):  # over the fields of a byte, not over blocks
+        torch.bitwise_right_shift(x, j * bits, out=fields[j])
     if bits < 8:
         out.bitwise_and_((1 << bits) - 1)
-    return out.view(n, -1)
+    return out.view(k, n, m // group, group).permute(1, 2, 0, 3) if group >= 32 else out
+
+
+def _flat(q: Tensor) -> Tensor:
+    """(n, ...) -> (n, -1), copying a permuted view into block order."""
+    return q.reshape(q.shape[0], -1)
+
+
+def _f32(q: Tensor) -> Tensor:
+    """Integer codes (any strides) -> contiguous float32 (n, -1) in block order."""
+    return torch.empty(q.shape, dtype=torch.float32, device=q.device).copy_(q).view(q.shape[0], -1)
 
 
 def _as_int8(q: Tensor, offset: int) -> Tensor:
@@ -158,23 +180,24 @@ def _scaled(q: Tensor, d: Tensor, out: Tensor, groups: int) -> Tensor:
 
 
 def _q4_0(b: Tensor, out: Tensor) -> None:
-    torch.mul(_as_int8(_unpack(b[:, 2:], 4, 16), 8).float(), _f16(b, 0), out=out)
+    torch.mul(_f32(_as_int8(_unpack(b[:, 2:], 4, 16), 8)), _f16(b, 0), out=out)
 
 
 def _q4_1(b: Tensor, out: Tensor) -> None:
-    torch.mul(_unpack(b[:, 4:], 4, 16).float(), _f16(b, 0), out=out).add_(_f16(b, 2))
+    torch.mul(_f32(_unpack(b[:, 4:], 4, 16)), _f16(b, 0), out=out).add_(_f16(b, 2))
 
 
 def _q5(b: Tensor, off: int) -> Tensor:
-    return _unpack(b[:, off + 4:], 4, 16).bitwise_or_(_unpack(b[:, off:off + 4], 1, 1).bitwise_left_shift_(4))
+    high = _lut("bits", b[:, off:off + 4]).view(-1, 1, 2, 16)  # bit j of the uint32: value j
+    return _unpack(b[:, off + 4:], 4, 16).bitwise_or_(high.bitwise_left_shift_(4))
 
 
 def _q5_0(b: Tensor, out: Tensor) -> None:
-    torch.mul(_as_int8(_q5(b, 2), 16).float(), _f16(b, 0), out=out)
+    torch.mul(_f32(_as_int8(_q5(b, 2), 16)), _f16(b, 0), out=out)
 
 
 def _q5_1(b: Tensor, out: Tensor) -> None:
-    torch.mul(_q5(b, 4).float(), _f16(b, 0), out=out).add_(_f16(b, 2))
+    torch.mul(_f32(_q5(b, 4)), _f16(b, 0), out=out).add_(_f16(b, 2))
 
 
 def _q8_0(b: Tensor, out: Tensor) -> None:
@@ -185,15 +208,16 @@ def _q2_k(b: Tensor, out: Tensor) -> None:
     n, sc = b.shape[0], b[:, :16]
     dl = _f16(b, 80) * (sc & 0xF).float()
     ml = _f16(b, 82) * (sc >> 4).float()
-    _scaled(_unpack(b[:, 16:80], 2, 32).float(), dl, out, 16).sub_(ml.view(n, 16, 1))
+    _scaled(_f32(_unpack(b[:, 16:80], 2, 32)), dl, out, 16).sub_(ml.view(n, 16, 1))
 
 
 def _q3_k(b: Tensor, out: Tensor) -> None:
-    lo, hi = _unpack(b[:, 96:104], 4, 8), _unpack(b[:, 104:108], 2, 4)
+    n = b.shape[0]
+    lo, hi = _flat(_unpack(b[:, 96:104], 4, 8)), _flat(_unpack(b[:, 104:108], 2, 4))
     dl = _f16(b, 108) * _as_int8(lo.bitwise_or_(hi.bitwise_left_shift_(4)), 32).float()
-    hmask = _unpack(b[:, :32], 1, 32).bitwise_xor_(1).bitwise_left_shift_(2)  # offset 4 where the bit is 0
+    hmask = _unpack(b[:, :32], 1, 32).view(n, 2, 4, 32).bitwise_xor_(1).bitwise_left_shift_(2)  # 4 where 0
     q = _unpack(b[:, 32:96], 2, 32).sub_(hmask).view(torch.int8)
-    _scaled(q.float(), dl, out, 16)
+    _scaled(_f32(q), dl, out, 16)
 
 
 def _k_scale_min(s: Tensor) -> tuple[Tensor, Tensor]:
@@ -207,7 +231,7 @@ def _k_scale_min(s: Tensor) -> tuple[Tensor, Tensor]:
 def _q45_k(b: Tensor, q: Tensor, out: Tensor) -> None:
     sc, mn = _k_scale_min(b[:, 4:16])
     dm = _f16(b, 2) * mn
-    _scaled(q.float(), _f16(b, 0) * sc, out, 8).sub_(dm.view(-1, 8, 1))
+    _scaled(_f32(q), _f16(b, 0) * sc, out, 8).sub_(dm.view(-1, 8, 1))
 
 
 def _q4_k(b: Tensor, out: Tensor) -> None:
@@ -215,13 +239,15 @@ def _q4_k(b: Tensor, out: Tensor) -> None:
 
 
 def _q5_k(b: Tensor, out: Tensor) -> None:
-    _q45_k(b, _unpack(b[:, 48:], 4, 32).bitwise_or_(_unpack(b[:, 16:48], 1, 32).bitwise_left_shift_(4)), out)
+    high = _unpack(b[:, 16:48], 1, 32).view(-1, 4, 2, 32)
+    _q45_k(b, _unpack(b[:, 48:], 4, 32).bitwise_or_(high.bitwise_left_shift_(4)), out)
 
 
 def _q6_k(b: Tensor, out: Tensor) -> None:
     d = _f16(b, 208) * b[:, 192:208].view(torch.int8).float()
-    q = _unpack(b[:, :128], 4, 64).bitwise_or_(_unpack(b[:, 128:192], 2, 32).bitwise_left_shift_(4))
-    _scaled(_as_int8(q, 32).float(), d, out, 16)
+    high = _flat(_unpack(b[:, 128:192], 2, 32)).view(-1, 2, 2, 64)
+    q = _unpack(b[:, :128], 4, 64).bitwise_or_(high.bitwise_left_shift_(4))
+    _scaled(_f32(_as_int8(q, 32)), d, out, 16)
 
 
 def _tq1_0(b: Tensor, out: Tensor) -> None:
@@ -236,7 +262,7 @@ def _tq1_0(b: Tensor, out: Tensor) -> None:
 
 
 def _tq2_0(b: Tensor, out: Tensor) -> None:
-    torch.mul(_as_int8(_unpack(b[:, :64], 2, 32), 1).float(), _f16(b, 64), out=out)
+    torch.mul(_f32(_as_int8(_unpack(b[:, :64], 2, 32), 1)), _f16(b, 64), out=out)
 
 
 def _nibble_lut(name: str, qs: Tensor, d: Tensor, out: Tensor, groups: int) -> None:
@@ -260,7 +286,7 @@ def _iq4_nl(b: Tensor, out: Tensor) -> None:
 
 
 def _iq4_xs(b: Tensor, out: Tensor) -> None:
-    lo = _unpack(b[:, 4:8], 4, 1)
+    lo = _flat(_unpack(b[:, 4:8], 4, 1))
     hi = (_u16(b, 2, 1) >> torch.arange(0, 16, 2, device=b.device, dtype=torch.int32)) & 3
     sc = _as_int8(lo.bitwise_or_(hi.to(torch.uint8).bitwise_left_shift_(4)), 32).float()
     _nibble_lut("iq4nl", b[:, 8:], _f16(b, 0) * sc, out, 8)
@@ -268,7 +294,7 @@ def _iq4_xs(b: Tensor, out: Tensor) -> None:
 
 def _scale4(b: Tensor, off: int, n_bytes: int) -> Tensor:
     """Two 4-bit scales per byte (low nibble first) -> float32."""
-    return _unpack(b[:, off:off + n_bytes], 4, 1).float()
+    return _f32(_unpack(b[:, off:off + n_bytes], 4, 1))
 
 
 def _aux32(b: Tensor, off: int, count: int) -> Tensor:
@@ -301,7 +327,7 @@ def _iq2_xs(b: Tensor, out: Tensor) -> None:
 def _iq2_s(b: Tensor, out: Tensor) -> None:
     n = b.shape[0]
     db = _f16(b, 0) * (0.5 + _scale4(b, 74, 8)) * 0.25
-    idx = b[:, 2:34].to(torch.int32) | (_unpack(b[:, 66:74], 2, 1).to(torch.int32) << 8)
+    idx = b[:, 2:34].to(torch.int32) | (_flat(_unpack(b[:, 66:74], 2, 1)).to(torch.int32) << 8)
     _scaled(_lut("iq2s", idx).view(n, 256), db, out, 16).view(n, 32, 8).mul_(_lut("signs", b[:, 34:66]))
 
 
@@ -314,8 +340,8 @@ def _iq3_xxs(b: Tensor, out: Tensor) -> None:
 
 def _iq3_s(b: Tensor, out: Tensor) -> None:
     n = b.shape[0]
-    db = _f16(b, 0) * (1 + 2 * _unpack(b[:, 106:110], 4, 1)).float()
-    idx = b[:, 2:66].to(torch.int32) | (_unpack(b[:, 66:74], 1, 1).to(torch.int32) << 8)
+    db = _f16(b, 0) * (1 + 2 * _flat(_unpack(b[:, 106:110], 4, 1))).float()
+    idx = b[:, 2:66].to(torch.int32) | (_lut("bits", b[:, 66:74]).view(n, 64).to(torch.int32) << 8)
     _scaled(_lut("iq3s", idx).view(n, 256), db, out, 8).view(n, 32, 8).mul_(_lut("signs", b[:, 74:106]))
 
 
@@ -333,7 +359,7 @@ def _iq1_m(b: Tensor, out: Tensor) -> None:
     d = bits.to(torch.int16).view(torch.float16).float().view(n, 1)
     s = torch.stack([(sc >> k) & 7 for k in (0, 3, 6, 9)], dim=-1).view(n, 16)
     dl = d * (2 * s + 1).float()
-    qh = _unpack(b[:, 32:48], 4, 1).to(torch.int32)  # (n, 32): 3 index bits and a delta sign each
+    qh = _flat(_unpack(b[:, 32:48], 4, 1)).to(torch.int32)  # (n, 32): 3 index bits and a delta sign each
     idx = b[:, :32].to(torch.int32) | ((qh & 7) << 8) | ((qh & 8) << 8)
     _scaled(_lut("iq1", idx).view(n, 256), dl, out, 16)
 
