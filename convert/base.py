@@ -55,7 +55,7 @@ class ModelConverter:
 
     def find(self, *keys: str, default=_MISSING):
         for k in keys:
-            if k in self.hp:
+            if self.hp.get(k) is not None:
                 return self.hp[k]
         if default is _MISSING:
             raise ConvertError(f"{self.dir / 'config.json'}: none of {', '.join(keys)} is set")

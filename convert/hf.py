@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -79,7 +80,8 @@ def convert(model_dir: str | Path, outfile: str | Path | None = None, outtype: s
     hp = load_config(model_dir)
     cls = converter_class(hp, model_dir)
     ckpt = Checkpoint(model_dir)
-    conv = cls(model_dir, hp, ckpt)
+    with _config_errors(model_dir):
+        conv = cls(model_dir, hp, ckpt)
     outtype = outtype.lower()
     if outtype == "auto":
         outtype = _auto_outtype(ckpt)
@@ -100,10 +102,13 @@ def convert(model_dir: str | Path, outfile: str | Path | None = None, outtype: s
         if name is None:
             continue
         outs = []
-        for new, t in conv.transform(name, _as_float(ckpt.meta(src))):
-            if conv.drop(src, new):
-                continue
-            outs.append(TensorPlan(new, tuple(t.shape), conv.tensor_type(new, tuple(t.shape), default)))
+        try:
+            mapped = list(conv.transform(name, _as_float(ckpt.meta(src))))
+        except (RuntimeError, ValueError) as e:  # e.g. a head count that does not divide the rows
+            raise ConvertError(f"{src} {tuple(ckpt.meta(src).shape)} does not fit config.json ({str(e).splitlines()[0]})") from None
+        for new, t in mapped:
+            if not conv.drop(src, new):
+                outs.append(TensorPlan(new, tuple(t.shape), conv.tensor_type(new, tuple(t.shape), default)))
         plans += outs
         sources.append((src, name, outs))
     names = [p.name for p in plans]
@@ -114,10 +119,11 @@ def convert(model_dir: str | Path, outfile: str | Path | None = None, outtype: s
     w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[conv.arch])
     add_infos(w, plans)
     _general(w, model_dir, conv)
-    conv.set_params(w)
-    w.add_file_type(ftype)
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    conv.set_vocab(w)
+    with _config_errors(model_dir):
+        conv.set_params(w)
+        w.add_file_type(ftype)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        conv.set_vocab(w)
 
     generated = dict(conv.generated())
 
@@ -134,6 +140,15 @@ def convert(model_dir: str | Path, outfile: str | Path | None = None, outtype: s
                 yield from encoded(src, name, outs)
 
     return write_gguf(w, out, plans, data(), progress, f"convert {model_dir.name}")
+
+
+@contextmanager
+def _config_errors(model_dir: Path):
+    """A config or tokenizer value of an unexpected kind: one line, not a traceback."""
+    try:
+        yield
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise ConvertError(f"{model_dir}: unexpected config or tokenizer contents ({type(e).__name__}: {e})") from None
 
 
 def _general(w: gguf.GGUFWriter, model_dir: Path, conv: ModelConverter) -> None:

@@ -113,6 +113,43 @@ def test_sharded_safetensors_and_errors(shared, gguf_dir, tmp_path):
         convert(tmp_path, tmp_path / "bad.gguf", "f32", progress=False)
 
 
+def _with_config(src: Path, dst: Path, **changes) -> Path:
+    """A copy of checkpoint folder ``src`` (files linked) with some config.json values changed."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != "config.json":
+            (dst / f.name).symlink_to(f)
+    (dst / "config.json").write_text(json.dumps({**json.loads((src / "config.json").read_text()), **changes}))
+    return dst
+
+
+@pytest.mark.parametrize("model,changes,message", [
+    ("llama-tiny-hf", {"num_attention_heads": 3}, r"q_proj.weight \(256, 256\) does not fit config.json"),
+    ("mamba-tiny-hf", {"intermediate_size": 768}, "d_inner 768 != 2 \\* d_model 256"),
+    ("mamba2-tiny-hf", {"head_dim": 48}, "inconsistent Mamba2 sizes"),
+    ("llama-tiny-hf", {"num_hidden_layers": None}, "none of n_layers, num_hidden_layers"),
+])
+def test_inconsistent_config(shared, tmp_path, model, changes, message):
+    d = _with_config(shared / "models" / model, tmp_path / "m", **changes)
+    with pytest.raises(ConvertError, match=message) as e:
+        convert(d, tmp_path / "bad.gguf", "f32", progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "bad.gguf").exists()
+
+
+def test_bf16_and_auto(shared, tmp_path, monkeypatch):
+    src = shared / "models" / "llama-tiny-hf"
+    w = load_file(src / "model.safetensors")
+    f = GGUFFile(convert(src, tmp_path / "b.gguf", "bf16", progress=False))
+    assert f.metadata["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_BF16)
+    emb, norm = f.tensor_infos["token_embd.weight"], f.tensor_infos["output_norm.weight"]
+    assert (emb.qtype, norm.qtype) == (T.BF16, T.F32)
+    assert torch.equal(f.tensor("token_embd.weight"), w["model.embed_tokens.weight"].bfloat16().float())
+    out = tmp_path / "auto"
+    out.mkdir()
+    monkeypatch.chdir(out)  # default --outfile: ./<folder>-<type>.gguf; f32 weights give llama.cpp's auto f16
+    assert convert(src, progress=False) == out / "llama-tiny-hf-f16.gguf" and (out / "llama-tiny-hf-f16.gguf").is_file()
+
+
 class _Payload:
     """Unpickling this creates a file: what an arbitrary pickle could do."""
 

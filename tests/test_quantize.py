@@ -69,19 +69,23 @@ def test_identical_to_llama_quantize(gguf_dir, tmp_path, model, qtype, ref):
             assert 0 < err < 0.15 * scale, (n, err, scale)  # a 4-bit grid is ~10% of the rms
 
 
-def test_mix_types(gguf_dir, tmp_path):
-    """Q4_K_M's rules on llama-tiny (2 layers): output Q6_K; attn_v and ffn_down Q6_K on layer 1 (the
-    "more bits" layer: i >= 7n/8), Q4_K elsewhere; norms stay F32. Q5_K_M is the same with Q5_K."""
-    out = quantize(gguf_dir / "llama-tiny-f16.gguf", tmp_path / "q5.gguf", "Q5_K_M", progress=False)
+@pytest.mark.parametrize("qtype,default,more_bits", [
+    # llama-tiny has 2 layers: layer 1 is a "more bits" layer (i >= 7n/8); the output is always Q6_K
+    ("Q5_K_M", T.Q5_K, {"blk.1.attn_v.weight": T.Q6_K, "blk.1.ffn_down.weight": T.Q6_K}),
+    ("Q4_K_S", T.Q4_K, {"blk.0.attn_v.weight": T.Q5_K, "blk.1.attn_v.weight": T.Q5_K}),  # first 4 attn_v
+    ("Q6_K", T.Q6_K, {}),
+])
+def test_mix_types(gguf_dir, tmp_path, qtype, default, more_bits):
+    out = quantize(gguf_dir / "llama-tiny-f16.gguf", tmp_path / "q.gguf", qtype, progress=False)
     types = {n: v[0] for n, v in tensors(out).items()}
-    six = {"output.weight", "blk.1.attn_v.weight", "blk.1.ffn_down.weight"}
     for n, t in types.items():
-        assert t == (T.F32 if n.endswith("norm.weight") else T.Q6_K if n in six else T.Q5_K), n
-    assert GGUFFile(out).metadata["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q5_K_M)
-    f, base = GGUFFile(out), GGUFFile(gguf_dir / "llama-tiny-f32.gguf")
-    q4 = GGUFFile(gguf_dir / "llama-tiny-Q4_K_M.gguf")
-    for n in ("blk.0.ffn_up.weight", "blk.0.attn_q.weight", "token_embd.weight"):
-        assert rmse(f.tensor(n), base.tensor(n)) < 0.6 * rmse(q4.tensor(n), base.tensor(n)), n
+        assert t == (T.F32 if n.endswith("norm.weight") else T.Q6_K if n == "output.weight" else more_bits.get(n, default)), n
+    assert GGUFFile(out).metadata["general.file_type"] == int(qmod.FTYPES[qtype][0])
+    if qtype == "Q5_K_M":
+        f, base = GGUFFile(out), GGUFFile(gguf_dir / "llama-tiny-f32.gguf")
+        q4 = GGUFFile(gguf_dir / "llama-tiny-Q4_K_M.gguf")
+        for n in ("blk.0.ffn_up.weight", "blk.0.attn_q.weight", "token_embd.weight"):
+            assert rmse(f.tensor(n), base.tensor(n)) < 0.6 * rmse(q4.tensor(n), base.tensor(n)), n
 
 
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_0"])
