@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-CHUNK = 64
+CHUNK = 32
 
 
 class SSDState(NamedTuple):
@@ -104,9 +104,10 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     for c in range(nc):
         torch.mul(dec[:, :, c], hb[:, :, c], out=hb[:, :, c + 1]).add_(st[:, :, c])  # no FMA: same rounding everywhere
 
-    # chunk-start states read out through C
+    # chunk-start states read out through C (operands made contiguous: a strided view would reach the
+    # BLAS transposed for some chunk counts and not others, with another rounding)
     Ch = Cc.unsqueeze(2).expand(S, G, H // G, nc, L, N).reshape(S, H, nc, L, N)
-    y += torch.matmul(Ch, hb[:, :, :nc].transpose(-1, -2)) * torch.exp(cum).unsqueeze(-1)
+    y += torch.matmul(Ch, hb[:, :, :nc].transpose(-1, -2).contiguous()) * torch.exp(cum).unsqueeze(-1)
     tok = (off.unsqueeze(1) + torch.arange(T, device=dev)).view(S, 1, T, 1).expand(S, H, T, P)
     y = y.view(S, H, W, P).gather(2, tok).transpose(1, 2)  # (S, T, H, P)
 
