@@ -142,6 +142,12 @@ class ModelConverter:
             w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
             w.add_rope_scaling_factor(factor)
             w.add_rope_scaling_orig_ctx_len(rp["original_max_position_embeddings"])
+            for key, add in (("extrapolation_factor", w.add_rope_scaling_yarn_ext_factor),
+                             ("attention_factor", w.add_rope_scaling_yarn_attn_factor),
+                             ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+                             ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+                if (v := rp.get(key, rp.get("attn_factor") if key == "attention_factor" else None)) is not None:
+                    add(v)
         elif kind in ("su", "longrope"):
             w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
         if (theta := rp.get("rope_theta")) is not None:

@@ -33,37 +33,38 @@ class Checkpoint:
         st = self.dir / "model.safetensors.index.json"
         pt = self.dir / "pytorch_model.bin.index.json"
         if st.is_file() or _parts(self.dir, "model", ".safetensors"):
-            self.kind, files = "safetensors", self._files(st, "model", ".safetensors")
+            self.kind, (files, index) = "safetensors", self._files(st, "model", ".safetensors")
         elif pt.is_file() or _parts(self.dir, "pytorch_model", ".bin"):
-            self.kind, files = "pytorch", self._files(pt, "pytorch_model", ".bin")
+            self.kind, (files, index) = "pytorch", self._files(pt, "pytorch_model", ".bin")
         else:
             raise ConvertError(f"{self.dir}: no model weights (model.safetensors or pytorch_model.bin)")
         self._where: dict[str, str] = {}
         self._open: dict[str, object] = {}
         for f in files:
-            for name in self._handle(f).keys():
-                self._where.setdefault(name, f)
-        if self._index is not None:
-            missing = sorted(set(self._index) - set(self._where))
+            h = self._handle(f)
+            for name in h.keys():
+                if self.kind == "safetensors" or isinstance(h[name], torch.Tensor):
+                    self._where.setdefault(name, f)
+        if index is not None:
+            missing = sorted(set(index) - set(self._where))
             if missing:
                 raise ConvertError(f"{self.dir}: {len(missing)} tensors listed in the index are missing "
                                    f"from the weight files (first: {missing[0]})")
 
-    def _files(self, index: Path, prefix: str, suffix: str) -> list[str]:
-        self._index = None
+    def _files(self, index: Path, prefix: str, suffix: str) -> tuple[list[str], dict | None]:
+        """The weight files, from the index's weight_map when there is one (and that map)."""
         if not index.is_file():
-            return _parts(self.dir, prefix, suffix)
+            return _parts(self.dir, prefix, suffix), None
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             assert isinstance(weight_map, dict)
         except (OSError, ValueError, KeyError, AssertionError):
             raise ConvertError(f"{index}: not a valid index (no weight_map)") from None
-        self._index = weight_map
         files = sorted(set(weight_map.values()))
         absent = [f for f in files if not (self.dir / f).is_file()]
         if absent:
             raise ConvertError(f"{self.dir}: missing weight files listed in {index.name}: {', '.join(absent)}")
-        return files
+        return files, weight_map
 
     def _handle(self, f: str):
         if f not in self._open:

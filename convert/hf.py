@@ -118,7 +118,7 @@ def convert(model_dir: str | Path, outfile: str | Path | None = None, outtype: s
 
     w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[conv.arch])
     add_infos(w, plans)
-    _general(w, model_dir, conv)
+    _general(w, model_dir)
     with _config_errors(model_dir):
         conv.set_params(w)
         w.add_file_type(ftype)
@@ -151,7 +151,7 @@ def _config_errors(model_dir: Path):
         raise ConvertError(f"{model_dir}: unexpected config or tokenizer contents ({type(e).__name__}: {e})") from None
 
 
-def _general(w: gguf.GGUFWriter, model_dir: Path, conv: ModelConverter) -> None:
+def _general(w: gguf.GGUFWriter, model_dir: Path) -> None:
     """general.* provenance as llama.cpp derives it (model card, folder name, size label)."""
     total, shared, expert, count = w.get_total_parameter_count()
     try:
