@@ -116,6 +116,8 @@ class ModelConverter:
             rp["rope_theta"] = theta
         if "rope_type" not in rp and "type" in rp:
             rp["rope_type"] = rp["type"]
+        if "original_max_position_embeddings" not in rp and "original_max_position_embeddings" in self.hp:
+            rp["original_max_position_embeddings"] = self.hp["original_max_position_embeddings"]
         return rp
 
     def text_params(self, w: gguf.GGUFWriter) -> None:
