@@ -387,11 +387,16 @@ def _as_uint8(raw, device: torch.device) -> Tensor:
         if t.dtype != torch.uint8:
             t = t.contiguous().view(torch.uint8)
     else:
-        arr = np.ascontiguousarray(np.asarray(memoryview(raw) if isinstance(raw, (bytes, bytearray)) else raw))
-        arr = arr.reshape(-1).view(np.uint8)
-        with warnings.catch_warnings():  # read-only memory maps: we never write through this view
-            warnings.simplefilter("ignore", UserWarning)
+        arr = raw if isinstance(raw, np.ndarray) else np.frombuffer(raw, dtype=np.uint8)
+        if arr.dtype != np.uint8 or not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+        arr = arr.reshape(-1)
+        if arr.flags.writeable:
             t = torch.from_numpy(arr)
+        else:
+            with warnings.catch_warnings():  # read-only memory maps: we never write through this view
+                warnings.simplefilter("ignore", UserWarning)
+                t = torch.from_numpy(arr)
     if t.device.type == "cpu" and t.data_ptr() % 16:  # dtype views need aligned storage
         t = t.clone()
     return t.to(device)
