@@ -31,8 +31,9 @@ States keep ``N`` before ``D`` so that every large elementwise op runs along con
 """
 from __future__ import annotations
 
+import threading
+
 import torch
-import torch.nn.functional as F
 
 CHUNK = 16
 
@@ -80,7 +81,7 @@ def _scratch(like: torch.Tensor, *shapes: tuple[int, ...]) -> list[torch.Tensor]
     """Uninitialised tensors carved from one buffer kept between calls: fresh multi-megabyte
     allocations are page-faulted in on every call, which costs more than the scan itself."""
     sizes = [torch.Size(s).numel() for s in shapes]
-    key = (like.device, like.dtype)
+    key = (like.device, like.dtype, threading.get_ident())
     buf = _WORKSPACE.get(key)
     if buf is None or buf.numel() < sum(sizes):
         buf = _WORKSPACE[key] = like.new_empty(sum(sizes))
