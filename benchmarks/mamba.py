@@ -50,6 +50,8 @@ def transformers_ppl(path: Path, tokens: torch.Tensor, n_chunks: int, bos: int) 
     chunks = tokens[:n_chunks * N_CTX].view(n_chunks, N_CTX).clone()
     chunks[:, 0] = bos
     nll, count = 0.0, 0
+    with torch.inference_mode():
+        hf(chunks[:N_SEQ])  # warm-up
     with torch.inference_mode(), Clock() as clk:
         for i in range(0, n_chunks, N_SEQ):
             c = chunks[i:i + N_SEQ]
@@ -79,20 +81,37 @@ def llama_cpp(binary: str, model: Path, text: bytes, n_chunks: int, threads: int
     return ppl, stamp("Final estimate") - stamp("calculating perplexity"), cpu
 
 
-def main() -> None:
+def cli(default_chunks: int) -> argparse.Namespace:
+    """The benchmarks' common options; sets torch's thread count."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--chunks", type=int, default=128)
+    ap.add_argument("--chunks", type=int, default=default_chunks)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default=None)
     ap.add_argument("--llama-cpp", default=shutil.which("llama-perplexity"), help="llama-perplexity binary")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    shared = fixtures.shared_dir()
-    path = shared / "models" / "gguf" / "mamba-tiny-f32.gguf"
-    text = (shared / "data" / "wikitext-2-test.txt").read_bytes()[:200_000]
+    return a
+
+
+def wiki(path: Path, chunks: int) -> tuple[bytes, Tokenizer, torch.Tensor, int]:
+    """The first 200,000 bytes of wikitext-2-test, the model's tokenizer, its tokens (BOS first) and
+    the number of -c 128 chunks to score."""
+    text = (fixtures.shared_dir() / "data" / "wikitext-2-test.txt").read_bytes()[:200_000]
     tok = Tokenizer.from_gguf(GGUFFile(path))
     tokens = torch.tensor(tok.encode(text.decode("utf-8"), add_special=True))
-    n_chunks = min(a.chunks, len(tokens) // N_CTX)
+    return text, tok, tokens, min(chunks, len(tokens) // N_CTX)
+
+
+def header(name: str, n_chunks: int, threads: int, device) -> str:
+    load = open("/proc/loadavg").read().split()[0] if Path("/proc/loadavg").exists() else "?"
+    return (f"{name}, -c {N_CTX}, {n_chunks} chunks ({n_chunks * N_CTX} tokens), {N_SEQ} chunks per batch, "
+            f"{threads} threads, device {device}, load average {load}")
+
+
+def main() -> None:
+    a = cli(128)
+    path = fixtures.shared_dir() / "models" / "gguf" / "mamba-tiny-f32.gguf"
+    text, tok, tokens, n_chunks = wiki(path, a.chunks)
     n_tok = n_chunks * N_CTX
 
     model = load_model(path, device=a.device)
@@ -100,9 +119,7 @@ def main() -> None:
     with Clock() as ours:
         r = perplexity(model, tokens, N_CTX, N_CTX * N_SEQ, n_chunks=n_chunks, bos=tok.bos_id)
     hf_ppl, hf = transformers_ppl(path, tokens, n_chunks, tok.bos_id)
-    load = open("/proc/loadavg").read().split()[0] if Path("/proc/loadavg").exists() else "?"
-    print(f"mamba-tiny f32, -c {N_CTX}, {n_chunks} chunks ({n_tok} tokens), {N_SEQ} chunks per batch, "
-          f"{a.threads} threads, device {model.device}, load average {load}")
+    print(header("mamba-tiny f32", n_chunks, a.threads, model.device))
     print(f"{'':14s} {'PPL':>10s} {'tok/s wall':>11s} {'tok/s CPU':>10s}")
     print(f"{'gguf-runtime':14s} {r.ppl:10.4f} {n_tok / ours.wall:11.0f} {n_tok / ours.cpu:10.0f}")
     print(f"{'transformers':14s} {hf_ppl:10.4f} {n_tok / hf.wall:11.0f} {n_tok / hf.cpu:10.0f}")
