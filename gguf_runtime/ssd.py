@@ -51,12 +51,16 @@ def _causal(L: int, device: torch.device) -> torch.Tensor:
     return torch.ones(L, L, dtype=torch.bool, device=device).tril()
 
 
-def _lay(tail: torch.Tensor, new: torch.Tensor, off: torch.Tensor, W: int) -> torch.Tensor:
+def _lay(tail: torch.Tensor, new: torch.Tensor, off: torch.Tensor | int, W: int) -> torch.Tensor:
     """(S, K, L, F) tail and (S, K, T, F) new rows -> (S, K, W, F): each sequence's valid tail rows,
-    its new rows from ``off``, zeros after."""
+    its new rows from ``off`` (per sequence, or one int for all), zeros after."""
     S, K, T, F = new.shape
     L = tail.shape[2]
     out = new.new_zeros(S, K, W, F)
+    if isinstance(off, int):  # the same offset for every sequence: plain slices
+        out[:, :, :off] = tail[:, :, :off]
+        out[:, :, off:off + T] = new
+        return out
     valid = (torch.arange(L, device=new.device) < off.unsqueeze(1)).view(S, 1, L, 1)
     out[:, :, :L] = torch.where(valid, tail, 0)
     idx = (off.unsqueeze(1) + torch.arange(T, device=new.device)).view(S, 1, T, 1).expand(S, K, T, F)
@@ -78,10 +82,11 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     nc = -(-(int(off.max()) + T) // L)
     W = nc * L
     dt = dt.float()
-    xdt = _lay(state.xdt, (x.float() * dt.unsqueeze(-1)).transpose(1, 2), off, W)  # (S, H, W, P)
-    dtl = _lay(state.dt.unsqueeze(-1), dt.transpose(1, 2).unsqueeze(-1), off, W).view(S, H, nc, L)
-    Bl = _lay(state.B, B.float().transpose(1, 2), off, W)  # (S, G, W, N)
-    Cl = _lay(state.B.new_zeros(S, G, L, N), C.float().transpose(1, 2), off, W)
+    o = int(off[0]) if bool((off == off[0]).all()) else off
+    xdt = _lay(state.xdt, (x.float() * dt.unsqueeze(-1)).transpose(1, 2), o, W)  # (S, H, W, P)
+    dtl = _lay(state.dt.unsqueeze(-1), dt.transpose(1, 2).unsqueeze(-1), o, W).view(S, H, nc, L)
+    Bl = _lay(state.B, B.float().transpose(1, 2), o, W)  # (S, G, W, N)
+    Cl = _lay(state.B.new_zeros(S, G, L, N), C.float().transpose(1, 2), o, W)
 
     cum = (dtl * A.float().to(dev).view(1, H, 1, 1)).cumsum(-1)  # (S, H, nc, L): prefix sums of dt A
     causal = _causal(L, dev)
