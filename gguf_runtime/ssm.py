@@ -59,7 +59,8 @@ def tree_sum_(x: torch.Tensor, dim: int) -> torch.Tensor:
     return out
 
 
-def causal_conv(x: torch.Tensor, state: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_conv(x: torch.Tensor, state: torch.Tensor, w: torch.Tensor,
+                b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Depthwise causal conv over time. x: (S, T, D); state: (S, K-1, D) previous inputs; w: (D, K).
     Returns the conv output (S, T, D) (bias added, no activation) and the new state (last K-1 inputs).
     Taps are summed in a fixed order, so each output is the same for any T."""
@@ -81,7 +82,7 @@ def _scratch(like: torch.Tensor, *shapes: tuple[int, ...]) -> list[torch.Tensor]
     """Uninitialised tensors carved from one buffer kept between calls: fresh multi-megabyte
     allocations are page-faulted in on every call, which costs more than the scan itself."""
     sizes = [torch.Size(s).numel() for s in shapes]
-    key = (like.device, like.dtype, threading.get_ident())
+    key = (like.device, like.dtype, threading.get_ident(), torch.is_inference_mode_enabled())
     buf = _WORKSPACE.get(key)
     if buf is None or buf.numel() < sum(sizes):
         buf = _WORKSPACE[key] = like.new_empty(sum(sizes))

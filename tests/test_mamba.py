@@ -15,6 +15,7 @@ from gguf_runtime.models import load_model
 from gguf_runtime.models.mamba import ModelArgs
 from gguf_runtime.perplexity import perplexity
 from gguf_runtime.reader import GGUFFile
+from gguf_runtime.ssm import selective_scan
 from gguf_runtime.tokenizer import Tokenizer
 
 MAMBA_TINY_PPL = 503.3301  # llama-perplexity -c 128, first 200,000 bytes of wikitext-2-test (../shared/README.md)
@@ -111,6 +112,36 @@ def test_quantized_files(gguf_dir, shared, hf_cls, name):
     with torch.inference_mode():
         ref = _hf_from_gguf(hf_cls, shared, gguf_dir / name)(torch.tensor([t])).logits[0]
     torch.testing.assert_close(alone(m, t), ref, rtol=0, atol=1e-4)
+
+
+# -- the scan ------------------------------------------------------------------------------------
+def test_scan_matches_float64_recurrence_and_needs_alignment():
+    g = torch.Generator().manual_seed(0)
+    S, T, D, N = 3, 70, 64, 16
+    x, B, C = (torch.randn(S, T, k, generator=g) for k in (D, N, N))
+    dt = torch.nn.functional.softplus(torch.randn(S, T, D, generator=g) - 1)
+    A = -torch.rand(N, D, generator=g) * 8
+    h, ref = torch.zeros(S, N, D, dtype=torch.float64), []
+    for t in range(T):  # the plain recurrence, token by token, in float64
+        a = torch.exp(dt[:, t, None].double() * A.double())
+        h = a * h + (dt[:, t] * x[:, t]).double()[:, None] * B[:, t, :, None].double()
+        ref.append((h * C[:, t, :, None].double()).sum(1))
+    state = torch.zeros(S, 3, N, D)
+    y = selective_scan(x, dt, A, B, C, state, torch.zeros(S, dtype=torch.long))
+    torch.testing.assert_close(y.double(), torch.stack(ref, 1), rtol=1e-5, atol=1e-5)
+
+    def pieces(step: int, aligned: bool) -> torch.Tensor:
+        st, out = torch.zeros(S, 3, N, D), []
+        for p in range(0, T, step):
+            sl = slice(p, p + step)
+            pos0 = torch.full((S,), p if aligned else 0)
+            out.append(selective_scan(x[:, sl], dt[:, sl], A, B[:, sl], C[:, sl], st, pos0))
+        return torch.cat(out, 1)
+
+    assert torch.equal(pieces(7, True), y) and torch.equal(pieces(1, True), y)
+    misaligned = pieces(7, False)  # chunks restarted at each ubatch: right values, other bits
+    torch.testing.assert_close(misaligned, y, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(misaligned, y)
 
 
 # -- split invariance: bitwise -------------------------------------------------------------------

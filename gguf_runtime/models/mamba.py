@@ -93,7 +93,8 @@ class Mixer(nn.Module):
             dt, B, C = (ops.rms_norm(t.contiguous(), None, a.rms_eps) for t in (dt, B, C))
         dt = F.softplus(ops.linear(dt.contiguous(), self.dt_proj, self.dt_bias))
         f32 = lambda t: t.float().contiguous()  # noqa: E731 - the scan runs in float32
-        y = ssm.selective_scan(f32(x), f32(dt), f32(self.A), f32(B), f32(C), view.ssm(layer), view.pos0)  # state in place
+        # the SSM state is updated in place in the memory
+        y = ssm.selective_scan(f32(x), f32(dt), f32(self.A), f32(B), f32(C), view.ssm(layer), view.pos0)
         y = (y.to(x.dtype) + x * self.D) * F.silu(z)
         return ops.linear(y.reshape(S * T, a.d_inner), self.out_proj)
 
@@ -122,6 +123,7 @@ class Model(nn.Module):
     _NAMES = {"attn_norm": "norm", "ssm_in": "mixer.in_proj", "ssm_conv1d.weight": "mixer.conv_w",
               "ssm_conv1d.bias": "mixer.conv_b", "ssm_x": "mixer.x_proj", "ssm_dt.weight": "mixer.dt_proj",
               "ssm_dt.bias": "mixer.dt_bias", "ssm_a": "mixer.A", "ssm_d": "mixer.D", "ssm_out": "mixer.out_proj"}
+    _TOP = {"token_embd.weight": "tok_embd", "output_norm.weight": "norm", "output.weight": "lm_head"}
 
     @classmethod
     def sanitize(cls, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -140,7 +142,7 @@ class Model(nn.Module):
                     t = t.reshape(t.shape[0], -1)
                 out[f"layers.{i}.{cls._NAMES[kind]}"] = t
             else:
-                key = {"token_embd.weight": "tok_embd", "output_norm.weight": "norm", "output.weight": "lm_head"}.get(name)
+                key = cls._TOP.get(name)
                 if key:
                     out[key] = t
         out.setdefault("lm_head", out.get("tok_embd"))
