@@ -1,0 +1,100 @@
+"""`gguf-runtime embed`: llama-embedding. The prompt (-p, or the file -f) is split on --embd-separator
+into texts, each becomes its own sequence; texts are packed into batches of -b tokens, decoded in
+ubatches of -ub, pooled per sequence, normalised, and printed in llama-embedding's formats on stdout."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+
+from gguf_runtime.errors import GGUFRuntimeError
+
+COMMAND_KWARGS = {"help": "Embed texts (BERT, Llama, Mamba GGUFs) with llama-embedding's pooling, normalisation and formats."}
+
+_ESC = {"n": "\n", "r": "\r", "t": "\t", "'": "'", '"': '"', "\\": "\\"}
+
+
+def process_escapes(s: str) -> str:
+    r"""llama.cpp's string_process_escapes: \n \r \t \' \" \\ and \xHH; other sequences stay as written."""
+    def sub(m: re.Match) -> str:
+        e = m.group(1)
+        return chr(int(e[1:], 16)) if e[0] == "x" else _ESC.get(e, "\\" + e)
+    return re.sub(r"\\(x[0-9a-fA-F]{2}|.)", sub, s, flags=re.S)
+
+
+def command(
+    model: Path = typer.Option(..., "-m", "--model", help="GGUF model (BERT, Llama, Mamba, ...)"),
+    prompt: Optional[str] = typer.Option(None, "-p", "--prompt", help="texts, separated by --embd-separator"),
+    file: Optional[Path] = typer.Option(None, "-f", "--file", help="file holding the texts (one per line by default)"),
+    pooling: Optional[str] = typer.Option(None, "--pooling", help="none, mean, cls, last, rank (default: the file's)"),
+    embd_normalize: int = typer.Option(2, "--embd-normalize",
+                                       help="-1 none, 0 max-abs int16, 1 taxicab, 2 euclidean, >2 p-norm"),
+    embd_output_format: str = typer.Option("", "--embd-output-format",
+                                           help="'' listing, array, json, json+ (with cosine matrix), raw"),
+    embd_separator: str = typer.Option("\n", "--embd-separator", help="separator of the texts (default newline)"),
+    cls_separator: str = typer.Option("\t", "--cls-separator", help="separator of query/document pairs (rank)"),
+    ctx_size: int = typer.Option(0, "-c", "--ctx-size", help="context size; the batch grows to fill it (0: -b)"),
+    batch_size: int = typer.Option(2048, "-b", "--batch-size", help="tokens per batch (many texts per batch)"),
+    ubatch_size: int = typer.Option(0, "-ub", "--ubatch-size", help="tokens per ubatch (0: -b for encoders, 512 otherwise)"),
+    parallel: int = typer.Option(256, "-np", "--parallel", help="most texts (sequences) per batch"),
+    threads: int = typer.Option(0, "-t", "--threads", help="CPU threads (0: torch default)"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if present)"),
+    dtype: str = typer.Option("f32", "--dtype", help="compute dtype: f32, f16, bf16"),
+):
+    from gguf_runtime.embedding import FORMATS, POOLINGS, Embedder, format_embeddings
+    from gguf_runtime.models import load_model
+    from gguf_runtime.reader import GGUFFile
+    from gguf_runtime.tokenizer import Tokenizer
+
+    if (prompt is None) == (file is None):
+        raise GGUFRuntimeError("give the texts with exactly one of -p TEXT or -f FILE")
+    if pooling is not None and pooling not in POOLINGS:
+        raise GGUFRuntimeError(f"invalid --pooling '{pooling}' (choose from {', '.join(POOLINGS)})")
+    if embd_output_format not in FORMATS:
+        raise GGUFRuntimeError(f"invalid --embd-output-format '{embd_output_format}' (choose from array, json, json+, raw)")
+    if embd_normalize < -1:
+        raise GGUFRuntimeError(f"invalid --embd-normalize {embd_normalize} (-1, 0, 1, 2 or a p-norm order > 2)")
+    if not embd_separator:
+        raise GGUFRuntimeError("--embd-separator must not be empty")
+    for name, v in (("-b", batch_size), ("-np", parallel)):
+        if v <= 0:
+            raise GGUFRuntimeError(f"{name} must be positive, got {v}")
+    for name, v in (("-c", ctx_size), ("-ub", ubatch_size), ("-t", threads)):
+        if v < 0:
+            raise GGUFRuntimeError(f"{name} must not be negative, got {v}")
+    dtypes = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise GGUFRuntimeError(f"invalid --dtype '{dtype}' (choose from {', '.join(dtypes)})")
+    if threads:
+        torch.set_num_threads(threads)
+
+    if file is not None:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise GGUFRuntimeError(f"cannot read prompt file {file}: {type(e).__name__}: {e}") from None
+        text = text[:-1] if text.endswith("\n") else text
+    else:
+        text = prompt
+    prompts = process_escapes(text).split(embd_separator)
+
+    f = GGUFFile(model)
+    tok = Tokenizer.from_gguf(f)
+    m = load_model(f, device=device, dtype=dtypes[dtype])
+    emb = Embedder(m, pooling, n_batch=batch_size, n_ubatch=ubatch_size or None, n_seq_max=parallel, n_ctx=ctx_size)
+    if emb.pooling == "rank":
+        joiner = "".join(tok.token_to_piece(t) for t, on in ((tok.eos_id, tok.add_eos), (tok.sep_id, getattr(tok, "add_sep", False)))
+                         if on and t is not None)
+        prompts_tok = [joiner.join(p.split(cls_separator)) for p in prompts]
+    else:
+        prompts_tok = prompts
+    seqs = [tok.encode(p, add_special=True, parse_special=True) for p in prompts_tok]
+    vecs = emb.embed_tokens(seqs, embd_normalize)
+    rows = torch.cat(vecs) if emb.pooling == "none" else torch.stack(vecs)
+    labels = list(getattr(m.args, "cls_labels", []) or [])
+    sys.stdout.write(format_embeddings(rows, embd_output_format, embd_normalize, prompts, emb.pooling, labels))
+    sys.stdout.flush()

@@ -1,0 +1,110 @@
+"""A non-caching memory for non-causal encoders (BERT), llama.cpp's ``build_attn_inp_no_cache``.
+
+An encoder keeps nothing between ``decode`` calls: every token attends to all tokens of its own
+sequence in the same ubatch, so a sequence must never be cut. ``split`` packs whole sequences
+(grouped by primary sequence id, in batch order) into ubatches of at most ``n_ubatch`` tokens and
+names the sequence that cannot fit. ``apply`` returns an :class:`EncoderView` that lays the ubatch
+out for batched attention: sequences are bucketed by their length rounded up to ``BLOCK``, so the
+shapes a token's attention is computed with depend only on its own sequence's length, never on
+which other sequences share the ubatch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..batch import BatchAllocator, UBatch
+from ..errors import BatchError
+from .base import Memory
+
+BLOCK = 32  # sequences are padded to a multiple of this many tokens inside attention
+ROWS = 32  # the ubatch is padded to a multiple of this many rows, so ops.linear never pads (its tile divides 32)
+
+
+@dataclass
+class Bucket:
+    idx: torch.Tensor  # (n_seq, L) ubatch rows of each sequence in position order (padding repeats a row)
+    valid: torch.Tensor  # (n_seq, L) bool: real token, not padding
+
+
+@dataclass
+class EncoderView:
+    buckets: list[Bucket]
+    inv: torch.Tensor  # (n_rows,) row of each ubatch token in the buckets' concatenated (n_seq * L) layout
+    n_rows: int  # n_tokens rounded up to ROWS: the model computes this many rows (the tail is padding)
+
+
+class EncoderMemory(Memory):
+    def __init__(self, n_seq_max: int, n_pos: int):
+        self.n_seq_max, self.n_pos = n_seq_max, n_pos
+
+    # -- stateless sequence operations ---------------------------------------------------------
+    def clear(self) -> None:
+        pass
+
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        return True
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        pass
+
+    def seq_keep(self, seq_id: int) -> None:
+        pass
+
+    def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
+        pass
+
+    def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
+        pass
+
+    def seq_pos_min(self, seq_id: int) -> int:
+        return -1
+
+    def seq_pos_max(self, seq_id: int) -> int:
+        return -1
+
+    # -- ubatches ------------------------------------------------------------------------------
+    def split(self, balloc: BatchAllocator, n_ubatch: int) -> list[UBatch]:
+        seqs: dict[int, list[int]] = {}
+        for i, s in enumerate(balloc.seq_ids):
+            seqs.setdefault(s[0], []).append(i)
+        ubatches, cur = [], []
+        for sid, rows in seqs.items():
+            if len(rows) > n_ubatch:
+                raise BatchError(
+                    f"sequence {sid} has {len(rows)} tokens but n_ubatch = {n_ubatch}: non-causal attention needs "
+                    f"a whole sequence in one ubatch (increase -ub / n_ubatch)")
+            if len(cur) + len(rows) > n_ubatch:
+                ubatches.append(balloc._make(sorted(cur), len(cur), False))
+                cur = []
+            cur += rows
+        if cur:
+            ubatches.append(balloc._make(sorted(cur), len(cur), False))
+        return ubatches
+
+    def prepare(self, ubatches: list[UBatch]) -> None:
+        for ub in ubatches:
+            hi = int(ub.pos.max())
+            if hi >= self.n_pos:
+                raise BatchError(f"position {hi} is beyond the model's {self.n_pos} position embeddings "
+                                 f"(a sequence may have at most {self.n_pos} tokens)")
+
+    def apply(self, ub: UBatch) -> EncoderView:
+        seq0, pos, n = ub.seq0, ub.pos, ub.n_tokens
+        order = torch.argsort(seq0 * (int(pos.max()) + 1) + pos, stable=True)  # by sequence, then position
+        sids, counts = torch.unique_consecutive(seq0[order], return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        padded = (counts + BLOCK - 1) // BLOCK * BLOCK
+        n_rows = -(-n // ROWS) * ROWS
+        buckets, inv, base = [], torch.zeros(n_rows, dtype=torch.long), 0
+        for L in padded.unique().tolist():
+            sel = (padded == L).nonzero().flatten()
+            j = torch.arange(L)
+            valid = j.unsqueeze(0) < counts[sel].unsqueeze(1)
+            src = starts[sel].unsqueeze(1) + torch.where(valid, j, 0)
+            idx = order[src]
+            inv[idx[valid]] = base + valid.flatten().nonzero().flatten()
+            buckets.append(Bucket(idx, valid))
+            base += idx.numel()
+        return EncoderView(buckets, inv, n_rows)
