@@ -151,7 +151,7 @@ def _rows_invariant(fn, x: torch.Tensor, counts, offsets) -> bool:
     return all(torch.equal(fn(x[o:o + n]), ref[o:o + n]) for n in counts for o in offsets)
 
 
-def self_test(budget_s: float = 1.5) -> dict:
+def self_test() -> dict:
     """Find the row-padding rule under which this machine's matmul is row-invariant (< 2 s).
 
     For float32 and bfloat16 products of a few shapes, every row computed inside a small call
@@ -174,8 +174,6 @@ def self_test(budget_s: float = 1.5) -> dict:
         if all(_rows_invariant(lambda x, w=w.to(dt): padded(x, w), x.to(dt), counts, offsets)
                for x, w in mats for dt in (torch.float32, torch.bfloat16)):
             chosen = (min_rows, multiple)
-            break
-        if time.perf_counter() - t0 > budget_s:
             break
     norm_ok = all(_rows_invariant(lambda x, w=w[0].to(dt): rms_norm(x, w, 1e-5), x.to(dt), counts, offsets)
                   for x, w in mats for dt in (torch.float32, torch.bfloat16))
