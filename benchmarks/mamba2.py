@@ -14,19 +14,15 @@ as the code.
 """
 from __future__ import annotations
 
-import argparse
 import math
-import shutil
 from pathlib import Path
 
 import torch
-from mamba import N_CTX, N_SEQ, Clock, llama_cpp  # benchmarks/mamba.py: the same harness for Mamba
+from mamba import N_CTX, N_SEQ, Clock, cli, header, llama_cpp, wiki  # benchmarks/mamba.py: Mamba's harness
 
 from gguf_runtime import fixtures, ops
 from gguf_runtime.models import load_model
 from gguf_runtime.perplexity import perplexity, token_nll
-from gguf_runtime.reader import GGUFFile
-from gguf_runtime.tokenizer import Tokenizer
 
 
 def transformers_ppl(hf_dir: Path, tokens: torch.Tensor, n_chunks: int, bos: int) -> tuple[float, Clock]:
@@ -48,19 +44,9 @@ def transformers_ppl(hf_dir: Path, tokens: torch.Tensor, n_chunks: int, bos: int
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--chunks", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--llama-cpp", default=shutil.which("llama-perplexity"), help="llama-perplexity binary")
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    shared = fixtures.shared_dir()
-    path = shared / "models" / "gguf" / "mamba2-tiny-f32.gguf"
-    text = (shared / "data" / "wikitext-2-test.txt").read_bytes()[:200_000]
-    tok = Tokenizer.from_gguf(GGUFFile(path))
-    tokens = torch.tensor(tok.encode(text.decode("utf-8"), add_special=True))
-    n_chunks = min(a.chunks, len(tokens) // N_CTX)
+    a = cli(100)
+    path = fixtures.shared_dir() / "models" / "gguf" / "mamba2-tiny-f32.gguf"
+    text, tok, tokens, n_chunks = wiki(path, a.chunks)
     n_tok = n_chunks * N_CTX
 
     model = load_model(path, device=a.device)
@@ -72,13 +58,11 @@ def main() -> None:
             r = perplexity(model, tokens, N_CTX, N_CTX * N_SEQ, n_chunks=n_chunks, bos=tok.bos_id)
         rows.append(("gguf-runtime" + ("" if invariant else " --no-invariant"), r.ppl, clk))
     ops.set_invariant(True)
-    hf_ppl, hf = transformers_ppl(shared / "models" / "mamba2-tiny-hf", tokens, n_chunks, tok.bos_id)
+    hf_ppl, hf = transformers_ppl(fixtures.shared_dir() / "models" / "mamba2-tiny-hf", tokens, n_chunks, tok.bos_id)
     rows.append(("transformers", hf_ppl, hf))
-    load = open("/proc/loadavg").read().split()[0] if Path("/proc/loadavg").exists() else "?"
-    print(f"mamba2-tiny f32, -c {N_CTX}, {n_chunks} chunks ({n_tok} tokens), {N_SEQ} chunks per batch, "
-          f"{a.threads} threads, device {model.device}, load average {load}")
+    print(header("mamba2-tiny f32", n_chunks, a.threads, model.device))
     print(f"| {'':28s} | {'PPL':>10s} | {'tok/s wall':>10s} | {'tok/s CPU':>10s} |")
-    print(f"|{'-' * 30}|{'-' * 12}:|{'-' * 11}:|{'-' * 11}:|")
+    print(f"|{'-' * 30}|{'-' * 11}:|{'-' * 11}:|{'-' * 11}:|")
     for name, ppl, clk in rows:
         print(f"| {name:28s} | {ppl:10.4f} | {n_tok / clk.wall:10.0f} | {n_tok / clk.cpu:10.0f} |")
     if a.llama_cpp:

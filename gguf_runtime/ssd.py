@@ -90,8 +90,8 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
 
     cum = (dtl * A.float().to(dev).view(1, H, 1, 1)).cumsum(-1)  # (S, H, nc, L): prefix sums of dt A
     causal = _causal(L, dev)
-    # decay[t, s] = exp(cum_t - cum_s) for s <= t, else 0
-    decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill_(~causal, float("-inf")).exp_()
+    # decay[t, s] = exp(cum_t - cum_s) for s <= t (<= 0 there: cum never increases), else 0
+    decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).clamp_max_(0).exp_().masked_fill_(~causal, 0)
 
     # within chunks: y = (C B^T * decay) (dt x), C B^T shared by the heads of a group
     Bc, Cc = Bl.view(S, G, nc, L, N), Cl.view(S, G, nc, L, N)
