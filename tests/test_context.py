@@ -229,3 +229,21 @@ def test_rope_scaling_matches_transformers(gguf_dir, shared, params):
     plain = Context(load_model(gguf_dir / "llama-tiny-f32.gguf"), n_ctx=128)
     plain.decode(Batch(toks, output=[True] * len(toks)))
     assert (plain.get_logits() - ref).abs().max() / ref.abs().max() > 1e-3
+
+
+def test_missing_or_misshapen_tensor_is_one_line_error(gguf_dir):
+    from gguf_runtime.errors import GGUFFormatError, UnsupportedError
+    from gguf_runtime.reader import GGUFFile
+
+    f = GGUFFile(gguf_dir / "llama-tiny-f32.gguf")
+    del f.tensor_infos["blk.1.ffn_up.weight"]
+    with pytest.raises(GGUFFormatError, match=r"llama tensor missing for parameter 'layers.1.mlp.up'"):
+        load_model(f)
+    f = GGUFFile(gguf_dir / "llama-tiny-f32.gguf")
+    f.metadata["llama.feed_forward_length"] = 500
+    with pytest.raises(GGUFFormatError, match=r"has shape \(512, 256\), expected \(500, 256\)"):
+        load_model(f)
+    f = GGUFFile(gguf_dir / "llama-tiny-f32.gguf")
+    f.metadata["general.architecture"] = "rwkv9"
+    with pytest.raises(UnsupportedError, match="unknown architecture 'rwkv9'"):
+        load_model(f)

@@ -10,7 +10,8 @@ import importlib
 
 import torch
 
-from ..errors import UnsupportedError
+from ..device import resolve_device
+from ..errors import GGUFFormatError, UnsupportedError
 from ..reader import GGUFFile
 
 ARCHS = {
@@ -39,3 +40,27 @@ def load_model(path_or_file, device=None, dtype=torch.float32):
     """Open a GGUF file and build its model with weights dequantized onto ``device`` as ``dtype``."""
     f = path_or_file if isinstance(path_or_file, GGUFFile) else GGUFFile(path_or_file)
     return model_class(f.arch).from_gguf(f, device=device, dtype=dtype)
+
+
+def build(cls, args, f: GGUFFile, device=None, dtype=torch.float32, reshape: bool = False):
+    """The common ``from_gguf`` body: build ``cls(args)`` without allocating, dequantize the file's
+    tensors onto ``device`` as ``dtype``, map them with ``cls.sanitize``, check every parameter is
+    present with the shape the metadata implies (``reshape``: same element count suffices), load.
+    A missing or mis-shaped tensor is a one-line GGUFFormatError."""
+    dev = resolve_device(device)
+    with torch.device("meta"):
+        model = cls(args)
+    weights = cls.sanitize({n: f.tensor(n, device=dev, dtype=dtype) for n in f.tensor_infos})
+    params = dict(model.named_parameters())
+    for n, p in params.items():
+        if n not in weights:
+            raise GGUFFormatError(f"{f.path.name}: {f.arch} tensor missing for parameter '{n}'")
+        w = weights[n]
+        if tuple(w.shape) != tuple(p.shape):
+            if not (reshape and w.numel() == p.numel()):
+                raise GGUFFormatError(f"{f.path.name}: {f.arch} tensor for '{n}' has shape {tuple(w.shape)}, "
+                                      f"expected {tuple(p.shape)} from the metadata")
+            weights[n] = w.reshape(p.shape)
+    model.load_state_dict({n: weights[n] for n in params}, strict=True, assign=True)
+    model.dtype, model.device = dtype, dev
+    return model.eval(), weights

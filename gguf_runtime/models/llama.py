@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..device import resolve_device
 from ..memory.kv_cache import KVCache, KVView
 from ..reader import GGUFFile
+from . import build
 
 
 @dataclass
@@ -163,18 +163,13 @@ class Model(nn.Module):
 
     @classmethod
     def from_gguf(cls, f: GGUFFile, device=None, dtype=torch.float32) -> "Model":
-        dev = resolve_device(device)
         args = ModelArgs.from_gguf(f)
-        with torch.device("meta"):
-            model = cls(args)
-        weights = cls.sanitize({n: f.tensor(n, device=dev, dtype=dtype) for n in f.tensor_infos})
-        freq = weights.pop("freq_factors", None)
-        model.load_state_dict(weights, strict=True, assign=True)
+        model, weights = build(cls, args, f, device, dtype)
         inv, model.rope_mscale = ops.rope_freqs(args.rope_dim, args.rope_base, args.rope_scaling)
-        model.rope_inv = inv.to(dev)
+        model.rope_inv = inv.to(model.device)
+        freq = weights.get("freq_factors")
         model.freq_factors = None if freq is None else freq.float()
-        model.dtype, model.device = dtype, dev
-        return model.eval()
+        return model
 
     # -- memory ----------------------------------------------------------------------------------
     def make_cache(self, n_ctx: int, n_seq_max: int = 1, dtype=None) -> KVCache:

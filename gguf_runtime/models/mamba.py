@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops, ssm
-from ..device import resolve_device
 from ..errors import GGUFFormatError
 from ..memory.recurrent import RecurrentMemory, RecurrentView
 from ..reader import GGUFFile
+from . import build
 
 
 @dataclass
@@ -150,20 +150,7 @@ class Model(nn.Module):
 
     @classmethod
     def from_gguf(cls, f: GGUFFile, device=None, dtype=torch.float32) -> "Model":
-        dev = resolve_device(device)
-        args = ModelArgs.from_gguf(f)
-        with torch.device("meta"):
-            model = cls(args)
-        weights = cls.sanitize({n: f.tensor(n, device=dev, dtype=dtype) for n in f.tensor_infos})
-        for n, p in model.state_dict().items():
-            if n not in weights:
-                raise GGUFFormatError(f"{f.path.name}: mamba tensor missing for '{n}'")
-            if weights[n].shape != p.shape:
-                raise GGUFFormatError(f"{f.path.name}: mamba tensor '{n}' has shape {tuple(weights[n].shape)}, "
-                                      f"expected {tuple(p.shape)} from the metadata")
-        model.load_state_dict(weights, strict=False, assign=True)
-        model.dtype, model.device = dtype, dev
-        return model.eval()
+        return build(cls, ModelArgs.from_gguf(f), f, device, dtype)[0]
 
     # -- memory ----------------------------------------------------------------------------------
     def make_cache(self, n_ctx: int, n_seq_max: int = 1, dtype=None) -> RecurrentMemory:
