@@ -27,12 +27,12 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..device import resolve_device
 from ..errors import GGUFFormatError
 from ..memory.recurrent import RecurrentMemory, RecurrentView
 from ..reader import GGUFFile
 from ..ssd import CHUNK, SSDState, ssd_scan
 from ..ssm import causal_conv
+from . import build
 
 
 @dataclass
@@ -65,9 +65,9 @@ class ModelArgs:
                 "ssm.time_step_rank"]
         missing = [f"{a}.{k}" for k in need if f.get(f"{a}.{k}") is None]
         if missing:
-            raise GGUFFormatError(f"{f.path}: mamba2 metadata missing: {', '.join(missing)}")
+            raise GGUFFormatError(f"{f.path.name}: mamba2 metadata missing: {', '.join(missing)}")
         if "token_embd.weight" not in f.tensor_infos:
-            raise GGUFFormatError(f"{f.path}: mamba2 tensor missing: token_embd.weight")
+            raise GGUFFormatError(f"{f.path.name}: mamba2 tensor missing: token_embd.weight")
         g = lambda k, d=None: f.get(f"{a}.{k}", d)  # noqa: E731
         args = cls(
             n_vocab=int(f.tensor_infos["token_embd.weight"].shape[0]),
@@ -83,7 +83,7 @@ class ModelArgs:
             tied="output.weight" not in f.tensor_infos,
         )
         if args.n_head <= 0 or args.n_group <= 0 or args.d_inner % args.n_head or args.n_head % args.n_group:
-            raise GGUFFormatError(f"{f.path}: inconsistent mamba2 metadata: inner_size {args.d_inner}, "
+            raise GGUFFormatError(f"{f.path.name}: inconsistent mamba2 metadata: inner_size {args.d_inner}, "
                                   f"{args.n_head} heads (time_step_rank), {args.n_group} groups")
         return args
 
@@ -177,23 +177,8 @@ class Model(nn.Module):
 
     @classmethod
     def from_gguf(cls, f: GGUFFile, device=None, dtype=torch.float32) -> "Model":
-        dev = resolve_device(device)
-        args = ModelArgs.from_gguf(f)
-        with torch.device("meta"):
-            model = cls(args)
-        weights = cls.sanitize({n: f.tensor(n, device=dev, dtype=dtype) for n in f.tensor_infos})
-        params = dict(model.named_parameters())
-        missing = [n for n in params if n not in weights]
-        if missing:
-            raise GGUFFormatError(f"{f.path}: mamba2 tensor missing for {missing[0]} ({len(missing)} missing)")
-        for n, p in params.items():
-            if weights[n].numel() != p.numel():
-                raise GGUFFormatError(f"{f.path}: mamba2 tensor for {n} has shape {tuple(weights[n].shape)}, "
-                                      f"expected {tuple(p.shape)}")
-            weights[n] = weights[n].reshape(p.shape)
-        model.load_state_dict({n: weights[n] for n in params}, strict=True, assign=True)
-        model.dtype, model.device = dtype, dev
-        return model.eval()
+        """``ssm_a``/``ssm_d`` may come as (H,) or (H, 1) and ``ssm_norm`` flat: same element count suffices."""
+        return build(cls, ModelArgs.from_gguf(f), f, device, dtype, reshape=True)[0]
 
     # -- memory ----------------------------------------------------------------------------------
     def make_cache(self, n_ctx: int = 0, n_seq_max: int = 1, dtype=None) -> RecurrentMemory:
