@@ -82,6 +82,40 @@ def layer_norm(x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, 
     return y.to(x.dtype)
 
 
+def _lanewise(fn, x: torch.Tensor) -> torch.Tensor:
+    """Apply an elementwise function so that every element goes through the vectorised body.
+
+    torch's CPU kernels compute transcendental functions with SIMD code (Sleef) in the body of a
+    contiguous run and with the scalar libm function in its tail (and at each thread's range end);
+    the two can differ in the last bit, so an element's result would depend on where it sits, i.e.
+    on the batch shape. Padding the flat tensor to a multiple of 64 x threads puts every element in
+    a vector lane, where the result depends on the value alone."""
+    if not _state["invariant"]:
+        return fn(x)
+    flat = x.reshape(-1)
+    q = 64 * max(1, torch.get_num_threads())
+    pad = (-flat.numel()) % q
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return fn(flat)[: x.numel()].view(x.shape)
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    return _lanewise(F.silu, x)
+
+
+def softplus(x: torch.Tensor) -> torch.Tensor:
+    return _lanewise(F.softplus, x)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    return _lanewise(F.gelu, x)
+
+
+def exp(x: torch.Tensor) -> torch.Tensor:
+    return _lanewise(torch.exp, x)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
               softcap: float = 0.0) -> torch.Tensor:
     """Attention of one query group over one key sequence.
@@ -130,7 +164,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     s = s.masked_fill(~mb, float("-inf"))
     mx = s.amax(dim=(1, 3), keepdim=True)  # exact, order-free
     mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    p = torch.exp(s - mx)
+    p = exp(s - mx)
     l_b = p.sum(-1)  # (h, nb, nqp): fixed-length row sums
     o_b = torch.matmul(p.to(vb.dtype), vb).float()  # (h, nb, nqp, dv)
     l_sum, o_sum = l_b[:, 0], o_b[:, 0]

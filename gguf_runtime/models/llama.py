@@ -105,7 +105,7 @@ class MLP(nn.Module):
         self.down = nn.Parameter(torch.empty(args.n_embd, args.n_ff), requires_grad=False)
 
     def forward(self, x):
-        return ops.linear(torch.nn.functional.silu(ops.linear(x, self.gate)) * ops.linear(x, self.up), self.down)
+        return ops.linear(ops.silu(ops.linear(x, self.gate)) * ops.linear(x, self.up), self.down)
 
 
 class Block(nn.Module):

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops, ssm
@@ -87,15 +86,15 @@ class Mixer(nn.Module):
         x, z = xz[..., : a.d_inner], xz[..., a.d_inner:]
         x, conv_state = ssm.causal_conv(x, view.conv(layer), self.conv_w, self.conv_b)
         view.set_conv(layer, conv_state)
-        x = F.silu(x)
+        x = ops.silu(x)
         dt, B, C = ops.linear(x, self.x_proj).split([a.dt_rank, a.d_state, a.d_state], -1)
         if a.dt_b_c_rms:
             dt, B, C = (ops.rms_norm(t.contiguous(), None, a.rms_eps) for t in (dt, B, C))
-        dt = F.softplus(ops.linear(dt.contiguous(), self.dt_proj, self.dt_bias))
+        dt = ops.softplus(ops.linear(dt.contiguous(), self.dt_proj, self.dt_bias))
         f32 = lambda t: t.float().contiguous()  # noqa: E731 - the scan runs in float32
         # the SSM state is updated in place in the memory
         y = ssm.selective_scan(f32(x), f32(dt), f32(self.A), f32(B), f32(C), view.ssm(layer), view.pos0)
-        y = (y.to(x.dtype) + x * self.D) * F.silu(z)
+        y = (y.to(x.dtype) + x * self.D) * ops.silu(z)
         return ops.linear(y.reshape(S * T, a.d_inner), self.out_proj)
 
 

@@ -88,18 +88,6 @@ class ModelArgs:
         return args
 
 
-def silu(x: torch.Tensor) -> torch.Tensor:
-    """``x * sigmoid(x)`` as ``x / (1 + exp(-x))``: torch's fused silu/softplus kernels round differently
-    in their vectorised body and their scalar (tail or strided) path, so a value would depend on where
-    it sits in the tensor; exp, log1p and division do not."""
-    return x / (1 + torch.exp(-x))
-
-
-def softplus(x: torch.Tensor) -> torch.Tensor:
-    """``log(1 + exp(x))``, the identity above 20 (torch's and ggml's threshold)."""
-    return torch.where(x > 20, x, torch.log1p(torch.exp(x.clamp_max(20))))
-
-
 class Mixer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -123,12 +111,12 @@ class Mixer(nn.Module):
         H, P, G, N = a.n_head, a.head_dim, a.n_group, a.d_state
         z, xBC, dt = ops.linear(u, self.in_proj).split([a.d_inner, a.conv_dim, H], -1)
         xBC, conv = causal_conv(xBC, conv, self.conv_w, self.conv_b)
-        xBC = silu(xBC)
+        xBC = ops.silu(xBC)
         x, B, C = xBC.split([a.d_inner, G * N, G * N], -1)
-        dt = softplus((dt + self.dt_bias).float())
+        dt = ops.softplus((dt + self.dt_bias).float())
         x = x.reshape(S, T, H, P)
         y, ssd = ssd_scan(x, dt, self.A.view(H), B.reshape(S, T, G, N), C.reshape(S, T, G, N), ssd, off)
-        y = (y + x.float() * self.D.float().view(H, 1)) * silu(z.float()).view(S, T, H, P)
+        y = (y + x.float() * self.D.float().view(H, 1)) * ops.silu(z.float()).view(S, T, H, P)
         y = ops.rms_norm(y.reshape(S, T, G, -1), self.norm.float(), a.rms_eps).view(S, T, a.d_inner)
         return ops.linear(y.to(u.dtype), self.out_proj), conv, ssd
 
