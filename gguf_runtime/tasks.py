@@ -719,13 +719,13 @@ class KLDStats:
         lp = self._mu(self.sum_nll, self.sum_nll2, self.count)
         lb = self._mu(self.sum_nll_base, self.sum_nll_base2, self.count)
         ppl = math.exp(lp[0])
-        ratio_unc = math.sqrt(lp[1] ** 2 + lb[1] ** 2 - 2.0 * self._cov())
+        ratio_unc = _sqrt(lp[1] ** 2 + lb[1] ** 2 - 2.0 * self._cov())
         kl = self._mu(self.sum_kld, self.sum_kld2, self.count)
         mse = self._mu(self.sum_p_diff2, self.sum_p_diff4, self.count)
-        rms = math.sqrt(mse[0])
+        rms = _sqrt(mse[0])
         rms_unc = 0.5 / rms * mse[1] if rms else float("inf")
         top = self.n_same_top / self.count
-        top_unc = math.sqrt(top * (1 - top) / (self.count - 1))
+        top_unc = _sqrt(top * (1 - top) / max(1, self.count - 1))
         return (f"{i + 1:4d}    {ppl:9.4f} ± {ppl * lp[1]:9.4f}    {lp[0] - lb[0]:10.5f} ± {ratio_unc:10.5f}"
                 f"    {kl[0]:10.5f} ± {kl[1]:10.5f}    {100.0 * rms:6.3f} ± {100.0 * rms_unc:6.3f} %"
                 f"    {100.0 * top:6.3f} ± {100.0 * top_unc:6.3f} %")
@@ -738,10 +738,10 @@ class KLDStats:
         mse = self._mu(self.sum_p_diff2, self.sum_p_diff4, self.count)
         cov = self._cov()
         ppl, ppl_base = math.exp(lp[0]), math.exp(lb[0])
-        ratio_unc = math.sqrt(lp[1] ** 2 + lb[1] ** 2 - 2.0 * cov)
+        ratio_unc = _sqrt(lp[1] ** 2 + lb[1] ** 2 - 2.0 * cov)
         kv = np.sort(np.concatenate(self.kld_values).astype(np.float32))
         pv = np.sort(np.concatenate(self.p_diff_values).astype(np.float32))
-        rms = math.sqrt(mse[0])
+        rms = _sqrt(mse[0])
         top = self.n_same_top / self.count
         return {
             "ppl": ppl, "ppl_unc": ppl * lp[1], "ppl_base": ppl_base, "ppl_base_unc": ppl_base * lb[1],
@@ -749,11 +749,11 @@ class KLDStats:
             "ln_ratio": lp[0] - lb[0], "ln_ratio_unc": ratio_unc,
             "ratio": math.exp(lp[0] - lb[0]), "ratio_unc": math.exp(lp[0] - lb[0]) * ratio_unc,
             "diff": ppl - ppl_base,
-            "diff_unc": math.sqrt((ppl * lp[1]) ** 2 + (ppl_base * lb[1]) ** 2 - 2.0 * ppl * ppl_base * cov),
+            "diff_unc": _sqrt((ppl * lp[1]) ** 2 + (ppl_base * lb[1]) ** 2 - 2.0 * ppl * ppl_base * cov),
             "kld": kl[0], "kld_unc": kl[1], "kld_values": kv, "kld_median": _median(kv),
             "p_diff": pd[0], "p_diff_unc": pd[1], "p_diff_values": pv, "p_diff_median": _median(pv),
             "rms_p_diff": rms, "rms_p_diff_unc": 0.5 / rms * mse[1] if rms else float("nan"),
-            "same_top": top, "same_top_unc": math.sqrt(top * (1 - top) / (self.count - 1)),
+            "same_top": top, "same_top_unc": _sqrt(top * (1 - top) / max(1, self.count - 1)),
         }
 
     def report(self) -> list[str]:
@@ -790,6 +790,11 @@ class KLDStats:
               f"RMS Δp    : {100.0 * s['rms_p_diff']:6.3f} ± {100.0 * s['rms_p_diff_unc']:5.3f} %",
               f"Same top p: {100.0 * s['same_top']:6.3f} ± {100.0 * s['same_top_unc']:5.3f} %"]
         return L
+
+
+def _sqrt(x: float) -> float:
+    """C's sqrt: NaN for a negative argument (llama.cpp prints it rather than failing)."""
+    return math.sqrt(x) if x >= 0 else float("nan")
 
 
 def _median(v: np.ndarray) -> float:
