@@ -117,6 +117,56 @@ def test_causal_embeddings(shared, gguf_dir, name, hf_cls):
             torch.testing.assert_close(emb["last"][k], h[-1], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.registry
+def test_smollm2_last_pooling_cli(smollm2, monkeypatch, capsys):
+    """A real Llama GGUF (SmolLM2 Q4_1) through the CLI: a text's vector is the same printed alone or
+    among 16 texts decoded in ubatches of 8 tokens."""
+    texts = [f"text {k}: " + "lorem ipsum dolor " * (k % 5) for k in range(16)]
+    args = ("embed", "-m", smollm2, "--pooling", "last", "-ub", 8, "--embd-output-format", "array")
+    code, out, err = _cli(monkeypatch, capsys, *args, "-p", "\n".join(texts))
+    assert code == 0, err
+    packed = json.loads(out)
+    assert len(packed) == 16 and len(packed[0]) == 576
+    for k in (9,):
+        code, out, err = _cli(monkeypatch, capsys, *args, "-p", texts[k])
+        assert json.loads(out)[0] == packed[k]
+
+
+def test_rank_pooling_classifier_head(minilm, tmp_path, monkeypatch, capsys):
+    """BertForSequenceClassification through our converter: rank pooling = classifier on the [CLS]
+    hidden state (llama.cpp's converter drops the pooler, so its head is the direct projection)."""
+    import shutil
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    labels = {0: "negative", 1: "neutral", 2: "positive"}
+    cfg = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=128, id2label=labels,
+                     label2id={v: k for k, v in labels.items()})
+    torch.manual_seed(0)
+    hf = BertForSequenceClassification(cfg).eval()
+    with torch.no_grad():
+        hf.classifier.weight.mul_(50)  # scores of order 1
+    hf.save_pretrained(tmp_path / "hf")
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(minilm / name, tmp_path / "hf" / name)
+    path = convert(tmp_path / "hf", tmp_path / "cls.gguf", "f32", progress=False)
+    f = GGUFFile(path)
+    model, tok = load_model(f, device="cpu"), Tokenizer.from_gguf(f)
+    assert model.n_cls_out == 3 and model.args.cls_labels == list(labels.values())
+    texts = ["good movie", "the plot was dull and far too long", "okay"]
+    ids = [tok.encode(t, True, True) for t in texts]
+    scores = torch.stack(Embedder(model, "rank").embed_tokens(ids, -1))
+    with torch.no_grad():
+        ref = torch.stack([hf.classifier(hf.bert(torch.tensor([s])).last_hidden_state[0, 0]) for s in ids])
+    torch.testing.assert_close(scores, ref, atol=1e-5, rtol=1e-5)
+    code, out, err = _cli(monkeypatch, capsys, "embed", "-m", path, "-p", "\n".join(texts), "--pooling", "rank",
+                          "--embd-normalize", -1)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0] == "rerank score 0: %8.3f [negative]" % ref[0, 0] and len(lines) == 9
+
+
 def test_pooling_cls_last_mean_multi_sequence_tokens():
     """Tokens may belong to several sequences; cls/last pick the lowest/highest position, mean averages."""
     h = torch.arange(12, dtype=torch.float32).reshape(6, 2) ** 1.5

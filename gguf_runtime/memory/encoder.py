@@ -36,8 +36,8 @@ class EncoderView:
 
 
 class EncoderMemory(Memory):
-    def __init__(self, n_seq_max: int, n_pos: int):
-        self.n_seq_max, self.n_pos = n_seq_max, n_pos
+    def __init__(self, n_seq_max: int, n_pos: int, device=None):
+        self.n_seq_max, self.n_pos, self.device = n_seq_max, n_pos, device
 
     # -- stateless sequence operations ---------------------------------------------------------
     def clear(self) -> None:
@@ -105,6 +105,6 @@ class EncoderMemory(Memory):
             src = starts[sel].unsqueeze(1) + torch.where(valid, j, 0)
             idx = order[src]
             inv[idx[valid]] = base + valid.flatten().nonzero().flatten()
-            buckets.append(Bucket(idx, valid))
+            buckets.append(Bucket(idx.to(self.device), valid.to(self.device)))
             base += idx.numel()
-        return EncoderView(buckets, inv, n_rows)
+        return EncoderView(buckets, inv.to(self.device), n_rows)

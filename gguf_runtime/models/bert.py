@@ -79,11 +79,10 @@ def attention(qkv: torch.Tensor, view: EncoderView, scale: float) -> torch.Tenso
     n, _, h, d = qkv.shape
     outs = []
     for b in view.buckets:
-        q, k, v = qkv[b.idx.to(qkv.device)].permute(2, 0, 3, 1, 4).unbind(0)  # (S, h, L, d)
-        mask = b.valid.to(qkv.device)[:, None, None, :]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        q, k, v = qkv[b.idx].permute(2, 0, 3, 1, 4).unbind(0)  # (S, h, L, d)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=b.valid[:, None, None, :], scale=scale)
         outs.append(o.transpose(1, 2).reshape(-1, h * d))
-    return torch.cat(outs)[view.inv.to(qkv.device)]
+    return torch.cat(outs)[view.inv]
 
 
 def _param(*shape) -> nn.Parameter:
@@ -189,7 +188,7 @@ class Model(nn.Module):
 
     # -- memory ----------------------------------------------------------------------------------
     def make_cache(self, n_ctx: int, n_seq_max: int = 1) -> EncoderMemory:
-        return EncoderMemory(n_seq_max, self.args.n_ctx_train)
+        return EncoderMemory(n_seq_max, self.args.n_ctx_train, self.device)
 
     # -- compute ---------------------------------------------------------------------------------
     def forward(self, ub, view: EncoderView) -> torch.Tensor:
