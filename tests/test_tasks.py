@@ -76,6 +76,21 @@ def tiny(gguf_dir):
     return load_model(f), Tokenizer.from_gguf(f)
 
 
+def _hf_scores(hf, tok, chosen) -> list[list[float]]:
+    """Each ending's mean log-prob after the shared prefix, every sequence run whole by transformers."""
+    out = []
+    for t in chosen:
+        seqs = [tok.encode(t.context + " " + e) for e in t.endings]
+        cp = tasks.common_prefix(seqs)
+        ref = []
+        for s in seqs:
+            with torch.inference_mode():
+                lp = torch.log_softmax(hf(torch.tensor([s])).logits[0].double(), -1)
+            ref.append(float(lp[cp - 1:len(s) - 1].gather(-1, torch.tensor(s[cp:])[:, None]).mean()))
+        out.append(ref)
+    return out
+
+
 def _bits(r: tasks.ChoiceResult) -> str:
     return "".join("1" if c else "0" for c in r.correct)
 
@@ -122,14 +137,7 @@ def test_hellaswag_matches_transformers(tiny, hs_tasks, shared):
     chosen = tasks.select_hellaswag(hs_tasks, 6)
     r = tasks.hellaswag(tasks.make_task_context(model), tok, chosen)
     hf = transformers.LlamaForCausalLM.from_pretrained(shared / "models" / "llama-tiny-hf", torch_dtype=torch.float32).eval()
-    for t, scores in zip(chosen, r.scores):
-        seqs = [tok.encode(t.context + " " + e) for e in t.endings]
-        cp = tasks.common_prefix(seqs)
-        ref = []
-        for s in seqs:
-            with torch.inference_mode():
-                lp = torch.log_softmax(hf(torch.tensor([s])).logits[0].double(), -1)
-            ref.append(float(lp[cp - 1:len(s) - 1].gather(-1, torch.tensor(s[cp:])[:, None]).mean()))
+    for scores, ref in zip(r.scores, _hf_scores(hf, tok, chosen)):
         assert scores == pytest.approx(ref, abs=2e-5)
 
 
@@ -153,14 +161,7 @@ def test_hellaswag_mamba_matches_transformers(gguf_dir, shared, hs_tasks):
     single = tasks.hellaswag(tasks.make_task_context(model, max_seqs=4), tok, chosen)
     assert r.scores == single.scores
     hf = transformers.MambaForCausalLM.from_pretrained(shared / "models" / "mamba-tiny-hf", torch_dtype=torch.float32).eval()
-    for t, scores in zip(chosen, r.scores):
-        seqs = [tok.encode(t.context + " " + e) for e in t.endings]
-        cp = tasks.common_prefix(seqs)
-        ref = []
-        for s in seqs:
-            with torch.inference_mode():
-                lp = torch.log_softmax(hf(torch.tensor([s])).logits[0].double(), -1)
-            ref.append(float(lp[cp - 1:len(s) - 1].gather(-1, torch.tensor(s[cp:])[:, None]).mean()))
+    for scores, ref in zip(r.scores, _hf_scores(hf, tok, chosen)):
         assert scores == pytest.approx(ref, abs=5e-5)
 
 
