@@ -1,6 +1,6 @@
 """Embedding throughput: sentences/s of ours against sentence-transformers on the same texts, one run.
 
-    python benchmarks/embed.py [--n 1000] [--threads 1] [--device cpu|cuda] [--st-batch 32]
+    python benchmarks/embed.py [--n 1000] [--threads 1] [--device cpu|cuda] [--dtype f32|bf16|f16] [--st-batch 32]
 
 all-MiniLM-L6-v2 (the `minilm` fixture) is converted to an f32 GGUF by our converter; both sides
 embed the same ``--n`` texts (WikiText-2 test lines cut to 5-240 characters, fixed seed) with mean
@@ -8,7 +8,7 @@ pooling and L2 normalisation, tokenization included, model loading excluded, aft
 sentence-transformers runs its own ``encode`` (length-sorted, padded batches of ``--st-batch``);
 ours packs texts as separate sequences into ``-b`` token batches (no padding) and ubatches of ``-ub``.
 Prints wall and process-CPU sentences/s (the CPU figure is steadier on a shared box) and the
-agreement of the two (minimum cosine).
+agreement of the two (minimum cosine). ``--dtype`` sets the weights and compute dtype of both sides.
 """
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000, help="number of texts")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"], help="both sides' dtype")
     ap.add_argument("--st-batch", type=int, default=32, help="sentence-transformers batch size (its default: 32)")
     ap.add_argument("-b", "--batch-size", type=int, default=2048, help="our tokens per batch")
     ap.add_argument("-ub", "--ubatch-size", type=int, default=0, help="our tokens per ubatch (0: the batch)")
@@ -69,11 +70,12 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     minilm = fixtures.minilm_dir()
-    st = SentenceTransformer(str(minilm), device=dev)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[a.dtype]
+    st = SentenceTransformer(str(minilm), device=dev).to(dtype)
     with tempfile.TemporaryDirectory() as tmp:
         path = convert(minilm, Path(tmp) / "minilm-f32.gguf", "f32", progress=False)
         f = GGUFFile(path)
-        tok, model = Tokenizer.from_gguf(f), load_model(f, device=dev)
+        tok, model = Tokenizer.from_gguf(f), load_model(f, device=dev, dtype=dtype)
     emb = Embedder(model, n_batch=a.batch_size, n_ubatch=a.ubatch_size or None)
 
     def ours(ts):
@@ -87,7 +89,7 @@ def main() -> None:
     out, us_w, us_c = timed(lambda: ours(data))
     cos = torch.nn.functional.cosine_similarity(out.double(), ref.double().to(out.device), dim=-1)
     n_tok = sum(len(tok.encode(t, True, True)) for t in data)
-    print(f"{a.n} texts, {n_tok} tokens, device {dev}, threads {torch.get_num_threads()}, "
+    print(f"{a.n} texts, {n_tok} tokens, device {dev}, {a.dtype}, threads {torch.get_num_threads()}, "
           f"ours -b {emb.n_batch} -ub {emb.ctx.n_ubatch}{' (no invariance)' if a.no_invariant else ''}, "
           f"sentence-transformers batch {a.st_batch}")
     print("| | sentences/s wall | sentences/s CPU |\n|---|---|---|")
