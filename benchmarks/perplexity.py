@@ -46,16 +46,23 @@ def transformers_ppl(path: Path, tokens: torch.Tensor, n_ctx: int, n_chunks: int
     return math.exp(nll / count), time.perf_counter() - t0
 
 
+def _stamp(line: str) -> float:
+    m, s, ms, us = (int(x) for x in re.match(r"(\d+)\.(\d+)\.(\d+)\.(\d+)", line).groups())
+    return m * 60 + s + ms / 1e3 + us / 1e6
+
+
 def llama_cpp_speed(binary: str, model: Path, text: bytes, n_ctx: int, n_chunks: int, threads: int) -> tuple[float, float]:
+    """PPL and tokens/s of llama-perplexity, timed from its log stamps (chunk loop start to final line)."""
     with tempfile.NamedTemporaryFile(suffix=".txt") as f:
         f.write(text)
         f.flush()
         p = subprocess.run([binary, "-m", str(model), "-f", f.name, "-c", str(n_ctx), "--chunks", str(n_chunks),
                             "-t", str(threads)], capture_output=True, text=True)
-    out = p.stdout + p.stderr
-    ppl = float(re.search(r"Final estimate: PPL = ([\d.]+)", out).group(1))
-    tps = float(re.search(r"prompt eval time.*?([\d.]+) tokens per second", out).group(1))
-    return ppl, tps
+    lines = (p.stdout + p.stderr).splitlines()
+    start = next(x for x in lines if "calculating perplexity over" in x)
+    final = next(x for x in lines if "Final estimate" in x)
+    ppl = float(re.search(r"PPL = ([\d.]+)", final).group(1))
+    return ppl, n_chunks * n_ctx / (_stamp(final) - _stamp(start))
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ import typer
 
 from gguf_runtime.errors import GGUFRuntimeError
 
+BUNDLED_CHUNKS = 8  # keeps the no-argument demo well under a minute on 2 cores
 COMMAND_KWARGS = {"help": "Perplexity, HellaSwag, WinoGrande, multiple choice and KL-divergence, as llama-perplexity."}
 
 
@@ -47,7 +48,8 @@ def command(
     ctx_size: int = typer.Option(512, "-c", "--ctx-size", help="chunk length (perplexity) / context per sequence"),
     batch_size: int = typer.Option(2048, "-b", "--batch-size", help="logical batch: n_batch // c chunks decode together"),
     ubatch_size: int = typer.Option(512, "-ub", "--ubatch-size", help="physical micro-batch"),
-    chunks: int = typer.Option(-1, "--chunks", help="score at most this many chunks (-1: all)"),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="score at most this many chunks (default: all; "
+                                         f"{BUNDLED_CHUNKS} on the bundled text)"),
     threads: int = typer.Option(0, "-t", "--threads", help="CPU threads (0: torch default)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if present)"),
     dtype: str = typer.Option("f32", "--dtype", help="compute dtype: f32, f16, bf16"),
@@ -94,7 +96,11 @@ def command(
         _info(f"model: {model} (default)")
     if mode == "perplexity" and file is None:
         file = fixtures.bundled_text()
-        _info(f"text: {file} (bundled sample)")
+        if chunks is None:
+            chunks = BUNDLED_CHUNKS
+        _info(f"text: {file} (bundled sample; first {chunks} chunks, --chunks -1 for all)")
+    if chunks is None:
+        chunks = -1
     f = GGUFFile(model)
     tok = Tokenizer.from_gguf(f)
     m = load_model(f, device=device, dtype=dt)

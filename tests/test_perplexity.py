@@ -3,6 +3,7 @@ the CLI's lines and errors."""
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 
@@ -119,3 +120,13 @@ def test_cli_errors(gguf_dir, args, msg):
     assert p.returncode == 2
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and msg in last and "Traceback" not in p.stderr
+
+
+def test_cli_default_runs_smollm2_on_bundled_text(smollm2):
+    """`gguf-runtime perplexity` with no -m / -f: SmolLM2 on the bundled sample (kept short here)."""
+    p = _cli("-c", "128", "--chunks", "2")
+    assert p.returncode == 0, p.stderr
+    assert "bundled sample" in p.stderr and smollm2.name in p.stderr
+    first, last = p.stdout.splitlines()[0], p.stdout.splitlines()[-1]
+    m = re.fullmatch(r"\[1\][\d.]+,\[2\]([\d.]+),", first)
+    assert m and last.startswith(f"Final estimate: PPL = {m.group(1)} +/- ")
