@@ -27,6 +27,7 @@ from .errors import BatchError, UnsupportedError
 
 POOLINGS = ("none", "mean", "cls", "last", "rank")
 FORMATS = ("", "array", "json", "json+", "raw")
+_NO_HEAD = "rank pooling needs a classifier head (cls / cls.output tensors); this model has none"
 
 
 def default_pooling(model) -> str:
@@ -58,8 +59,8 @@ def pool(h: torch.Tensor, seq_ids: Sequence[Sequence[int]], pos: torch.Tensor, p
     pick = rows[order[torch.cumsum(counts, 0) - 1]]
     out = h[pick.to(h.device)].float()
     if pooling == "rank":
-        if model is None or not hasattr(model, "rank"):
-            raise UnsupportedError("rank pooling needs a model with a classifier head")
+        if not getattr(model, "has_rank_head", False):
+            raise UnsupportedError(_NO_HEAD)
         out = model.rank(out)
     return unq.tolist(), out
 
@@ -110,17 +111,13 @@ class Embedder:
         self.pooling = pooling or default_pooling(model)
         if self.pooling not in POOLINGS:
             raise UnsupportedError(f"unknown pooling '{self.pooling}' (choose from {', '.join(POOLINGS)})")
-        if self.pooling == "rank" and not hasattr(model, "rank"):
-            raise UnsupportedError(f"rank pooling needs a classifier head; {type(model).__module__} has none")
+        if self.pooling == "rank" and not getattr(model, "has_rank_head", False):
+            raise UnsupportedError(_NO_HEAD)
         self.n_batch = max(int(n_batch), int(n_ctx or 0))  # llama-embedding: the batch fills the context
         self.n_seq_max = int(n_seq_max)
         n_ubatch = n_ubatch or (self.n_batch if _is_encoder(model) else 512)
         self.ctx = Context(model, n_ctx=self.n_batch, n_batch=self.n_batch, n_ubatch=min(int(n_ubatch), self.n_batch),
                            n_seq_max=self.n_seq_max, embeddings=True)
-
-    @property
-    def n_out(self) -> int:
-        return self.model.n_cls_out if self.pooling == "rank" else self.model.args.n_embd
 
     def _decode(self, seqs: list[list[int]]) -> list[torch.Tensor]:
         self.ctx.memory.clear()

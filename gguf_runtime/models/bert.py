@@ -106,7 +106,7 @@ class Block(nn.Module):
         a, n = self.args, x.shape[0]
         o = attention(ops.linear(x, self.wqkv, self.bqkv).view(n, 3, a.n_head, -1), view, self.scale)
         x = _norm(x + ops.linear(o, self.wo, self.bo), self.attn_norm_w, self.attn_norm_b, a.norm_eps)
-        f = ops.linear(F.gelu(ops.linear(x, self.up, self.up_b)), self.down, self.down_b)
+        f = ops.linear(ops.gelu(ops.linear(x, self.up, self.up_b)), self.down, self.down_b)
         return _norm(x + f, self.out_norm_w, self.out_norm_b, a.norm_eps)
 
 
@@ -204,13 +204,15 @@ class Model(nn.Module):
         raise UnsupportedError("BERT has no language-model head: create the context with embeddings=True")
 
     @property
+    def has_rank_head(self) -> bool:
+        return self.cls is not None or self.cls_out is not None
+
+    @property
     def n_cls_out(self) -> int:
         return 0 if self.cls_out is None else int(self.cls_out.shape[0])
 
     def rank(self, h: torch.Tensor) -> torch.Tensor:
         """Classifier head of rank pooling (llama.cpp build_pooling RANK): tanh(cls(h)), then cls.output."""
-        if self.cls is None and self.cls_out is None:
-            raise UnsupportedError("rank pooling needs a classifier head (cls / cls.output tensors); this model has none")
         x = h.to(self.dtype)
         if self.cls is not None:
             x = torch.tanh(ops.linear(x, self.cls, self.cls_b))
