@@ -9,6 +9,7 @@ position-id pitfall of transformers #25420 cannot happen) and cuts it into :clas
 - ``split_equal``: the same number of new tokens for each of a set of non-overlapping sequence sets,
   laid out sequence-major (what recurrent memories need).
 - ``split_seq``: tokens of a single sequence set per ubatch.
+- ``split_whole``: whole sequences packed into ubatches, never cut (non-causal encoders).
 
 Every ubatch keeps ``idx``, the batch index of each of its tokens, so outputs can be returned in the
 user's order whatever the split.
@@ -230,3 +231,22 @@ class BatchAllocator:
                 idxs.append(i)
                 cur_set = self.seq_set[i]
             yield self._make(idxs, 1, True)
+
+    def split_whole(self, n_ubatch: int) -> Iterator[UBatch]:
+        """Whole sequences (by primary id, in batch order) packed greedily into ubatches of at most
+        ``n_ubatch`` tokens; a sequence is never cut, as non-causal attention needs all its keys."""
+        seqs: dict[int, list[int]] = {}
+        for i, s in enumerate(self.seq_ids):
+            if not self.used[i]:
+                seqs.setdefault(s[0], []).append(i)
+        cur: list[int] = []
+        for sid, rows in seqs.items():
+            if len(rows) > n_ubatch:
+                raise BatchError(f"sequence {sid} has {len(rows)} tokens but n_ubatch = {n_ubatch}: non-causal "
+                                 f"attention needs a whole sequence in one ubatch (increase -ub / n_ubatch)")
+            if len(cur) + len(rows) > n_ubatch:
+                yield self._make(sorted(cur), len(cur), False)
+                cur = []
+            cur += rows
+        if cur:
+            yield self._make(sorted(cur), len(cur), False)

@@ -36,6 +36,13 @@ def is_invariant() -> bool:
     return _state["invariant"]
 
 
+def padded_rows(n: int) -> int:
+    """Rows ``linear`` computes for ``n`` input rows in invariant mode (the self-test's rule)."""
+    if _state["threads"] != torch.get_num_threads():
+        self_test()
+    return _padded_rows(n, _state["min_rows"], _state["multiple"]) if _state["invariant"] else n
+
+
 def _padded_rows(n: int, min_rows: int, multiple: int) -> int:
     n = max(n, min_rows)
     return -(-n // multiple) * multiple
@@ -72,14 +79,9 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tenso
 
 
 def layer_norm(x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: float) -> torch.Tensor:
-    xf = x.float()
-    xc = xf - xf.mean(-1, keepdim=True)
-    y = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
-    if w is not None:
-        y = y * w.float()
-    if b is not None:
-        y = y + b.float()
-    return y.to(x.dtype)
+    """LayerNorm in float32 (F.layer_norm reduces each row on its own, tested batch-invariant)."""
+    return F.layer_norm(x.float(), x.shape[-1:], None if w is None else w.float(),
+                        None if b is None else b.float(), eps).to(x.dtype)
 
 
 def _lanewise(fn, x: torch.Tensor) -> torch.Tensor:

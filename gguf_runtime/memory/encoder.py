@@ -66,22 +66,7 @@ class EncoderMemory(Memory):
 
     # -- ubatches ------------------------------------------------------------------------------
     def split(self, balloc: BatchAllocator, n_ubatch: int) -> list[UBatch]:
-        seqs: dict[int, list[int]] = {}
-        for i, s in enumerate(balloc.seq_ids):
-            seqs.setdefault(s[0], []).append(i)
-        ubatches, cur = [], []
-        for sid, rows in seqs.items():
-            if len(rows) > n_ubatch:
-                raise BatchError(
-                    f"sequence {sid} has {len(rows)} tokens but n_ubatch = {n_ubatch}: non-causal attention needs "
-                    f"a whole sequence in one ubatch (increase -ub / n_ubatch)")
-            if len(cur) + len(rows) > n_ubatch:
-                ubatches.append(balloc._make(sorted(cur), len(cur), False))
-                cur = []
-            cur += rows
-        if cur:
-            ubatches.append(balloc._make(sorted(cur), len(cur), False))
-        return ubatches
+        return list(balloc.split_whole(n_ubatch))
 
     def prepare(self, ubatches: list[UBatch]) -> None:
         for ub in ubatches:

@@ -105,14 +105,9 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, view: EncoderView) -> torch.Tensor:
         a, n = self.args, x.shape[0]
         o = attention(ops.linear(x, self.wqkv, self.bqkv).view(n, 3, a.n_head, -1), view, self.scale)
-        x = _norm(x + ops.linear(o, self.wo, self.bo), self.attn_norm_w, self.attn_norm_b, a.norm_eps)
+        x = ops.layer_norm(x + ops.linear(o, self.wo, self.bo), self.attn_norm_w, self.attn_norm_b, a.norm_eps)
         f = ops.linear(ops.gelu(ops.linear(x, self.up, self.up_b)), self.down, self.down_b)
-        return _norm(x + f, self.out_norm_w, self.out_norm_b, a.norm_eps)
-
-
-def _norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm in float32; F.layer_norm reduces each row on its own (batch-invariant, tested)."""
-    return F.layer_norm(x.float(), x.shape[-1:], w.float(), b.float(), eps).to(x.dtype)
+        return ops.layer_norm(x + f, self.out_norm_w, self.out_norm_b, a.norm_eps)
 
 
 class Model(nn.Module):
@@ -195,7 +190,7 @@ class Model(nn.Module):
         dev, n, pad = self.device, ub.n_tokens, view.n_rows - ub.n_tokens
         tokens, pos = (torch.cat([t, t.new_zeros(pad)]).to(dev) for t in (ub.tokens, ub.pos))
         x = self.tok_embd[tokens] + self.type_embd[0] + self.pos_embd[pos]
-        x = _norm(x, self.norm_w, self.norm_b, self.args.norm_eps)
+        x = ops.layer_norm(x, self.norm_w, self.norm_b, self.args.norm_eps)
         for layer in self.layers:
             x = layer(x, view)
         return x[:n]
