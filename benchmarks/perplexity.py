@@ -46,8 +46,9 @@ def transformers_ppl(path: Path, tokens: torch.Tensor, n_ctx: int, n_chunks: int
     return math.exp(nll / count), time.perf_counter() - t0
 
 
-def _stamp(line: str) -> float:
-    m, s, ms, us = (int(x) for x in re.match(r"(\d+)\.(\d+)\.(\d+)\.(\d+)", line).groups())
+def _stamp(text: str, marker: str) -> float:
+    """Seconds of llama.cpp's log stamp (M.SS.mmm.uuu) on the entry ``marker`` starts."""
+    m, s, ms, us = (int(x) for x in re.search(r"(\d+)\.(\d+)\.(\d+)\.(\d+) I " + re.escape(marker), text).groups())
     return m * 60 + s + ms / 1e3 + us / 1e6
 
 
@@ -58,11 +59,10 @@ def llama_cpp_speed(binary: str, model: Path, text: bytes, n_ctx: int, n_chunks:
         f.flush()
         p = subprocess.run([binary, "-m", str(model), "-f", f.name, "-c", str(n_ctx), "--chunks", str(n_chunks),
                             "-t", str(threads)], capture_output=True, text=True)
-    lines = (p.stdout + p.stderr).splitlines()
-    start = next(x for x in lines if "calculating perplexity over" in x)
-    final = next(x for x in lines if "Final estimate" in x)
-    ppl = float(re.search(r"PPL = ([\d.]+)", final).group(1))
-    return ppl, n_chunks * n_ctx / (_stamp(final) - _stamp(start))
+    log = p.stdout + p.stderr
+    ppl = float(re.search(r"Final estimate: PPL = ([\d.]+)", log).group(1))
+    seconds = _stamp(log, "Final estimate") - _stamp(log, "perplexity: calculating perplexity over")
+    return ppl, n_chunks * n_ctx / seconds
 
 
 def main() -> None:
