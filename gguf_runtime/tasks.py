@@ -624,24 +624,27 @@ class LogitsFile:
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "LogitsFile":
+        """Opens a logits file; the log-prob rows stay memory-mapped (they can be gigabytes)."""
         try:
-            raw = Path(path).read_bytes()
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                head = f.read(20)
         except OSError as e:
             raise TaskError(f"cannot read logits file {path}: {e.strerror or e}") from None
-        if raw[:8] != b"_logits_":
+        if head[:8] != b"_logits_":
             raise TaskError(f"{path} does not look like a file containing log-probabilities")
-        if len(raw) < 20:
+        if len(head) < 20:
             raise TaskError(f"{path}: truncated header")
-        n_ctx, n_vocab, n_chunk = struct.unpack("<iii", raw[8:20])
+        n_ctx, n_vocab, n_chunk = struct.unpack("<iii", head[8:20])
         if n_ctx < 4 or n_vocab <= 0 or n_chunk <= 0:
             raise TaskError(f"{path}: bad header (n_ctx={n_ctx}, n_vocab={n_vocab}, n_chunk={n_chunk})")
         n_tok = n_ctx * n_chunk
         rows, nv = n_ctx - 1 - n_ctx // 2, _row_width(n_vocab)
         need = 20 + 4 * n_tok + 2 * n_chunk * rows * nv
-        if len(raw) < need:
-            raise TaskError(f"{path} is truncated: {len(raw)} bytes, {need} expected for {n_chunk} chunks of {n_ctx}")
-        tokens = torch.from_numpy(np.frombuffer(raw, dtype="<i4", count=n_tok, offset=20).astype(np.int64))
-        data = np.frombuffer(raw, dtype="<u2", count=n_chunk * rows * nv, offset=20 + 4 * n_tok).reshape(n_chunk, rows, nv)
+        if size < need:
+            raise TaskError(f"{path} is truncated: {size} bytes, {need} expected for {n_chunk} chunks of {n_ctx}")
+        tokens = torch.from_numpy(np.fromfile(path, dtype="<i4", count=n_tok, offset=20).astype(np.int64))
+        data = np.memmap(path, dtype="<u2", mode="r", offset=20 + 4 * n_tok, shape=(n_chunk, rows, nv))
         return cls(n_ctx, n_vocab, n_chunk, tokens, data)
 
 
