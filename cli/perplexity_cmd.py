@@ -146,17 +146,16 @@ def command(
 def _perplexity(m, tok, data: bytes, n_ctx: int, n_batch: int, n_ubatch: int, chunks: int, bos: int | None,
                 base_path: Path | None, show: bool) -> None:
     from gguf_runtime import tasks
-    from gguf_runtime.perplexity import make_context, perplexity
+    from gguf_runtime.perplexity import check_params, make_context, perplexity
 
     ids = torch.tensor(tok.encode(data.decode("utf-8", errors="replace"), add_special=True), dtype=torch.long)
-    n_chunk = len(ids) // n_ctx if chunks < 0 else min(chunks, len(ids) // n_ctx)
+    n_chunk = check_params(len(ids), n_ctx, n_batch)
+    n_chunk = n_chunk if chunks < 0 else min(chunks, n_chunk)
     n_seq = max(1, n_batch // n_ctx)
     _info(f"perplexity: tokenized the input into {len(ids)} tokens")
     _info(f"perplexity: calculating perplexity over {n_chunk} chunks, n_ctx={n_ctx}, batch_size={min(n_batch, n_seq * n_ctx)}, n_seq={n_seq}")
     writer = None
-    if base_path is not None:
-        if n_chunk <= 0 or len(ids) < 2 * n_ctx:
-            raise GGUFRuntimeError(f"the text tokenizes to only {len(ids)} tokens; -c {n_ctx} needs at least {2 * n_ctx}")
+    if base_path is not None and n_chunk > 0:
         writer = tasks.LogitsWriter(base_path, n_ctx, m.args.n_vocab, n_chunk, ids)
         _info(f"perplexity: saving all logits to {base_path}")
     line: list[str] = []

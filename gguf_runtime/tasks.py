@@ -595,7 +595,10 @@ class LogitsWriter:
 
     def __init__(self, path: str | os.PathLike, n_ctx: int, n_vocab: int, n_chunk: int, tokens: torch.Tensor):
         self.path = Path(path)
-        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".part")
+        try:
+            fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".part")
+        except OSError as e:
+            raise TaskError(f"cannot write logits file {path}: {e.strerror or e}") from None
         self.f = os.fdopen(fd, "wb")
         self.n_chunk = n_chunk
         self.f.write(b"_logits_" + struct.pack("<iii", n_ctx, n_vocab, n_chunk))

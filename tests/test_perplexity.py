@@ -114,6 +114,7 @@ def test_cli_lines(gguf_dir, wikitext, tmp_path, tiny):
     (["-c", "128", "-b", "300"], "must be below -c 128 or a multiple"),
     (["--kl-divergence"], "needs --kl-divergence-base"),
     (["--hellaswag"], "needs -f"),
+    (["-c", "128", "--chunks", "2", "--kl-divergence-base", "/nonexistent/dir/base.kld"], "cannot write logits file"),
 ])
 def test_cli_errors(gguf_dir, args, msg):
     p = _cli("-m", str(gguf_dir / "llama-tiny-f32.gguf"), *args, timeout=120)
