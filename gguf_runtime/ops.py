@@ -120,61 +120,62 @@ def exp(x: torch.Tensor) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
               softcap: float = 0.0) -> torch.Tensor:
-    """Attention of one query group over one key sequence.
+    """Attention of query groups over their key sequences.
 
-    q: (n_head, n_q, d); k, v: (n_head_kv, n_kv, d) in the sequence's position order; mask: (n_q, n_kv)
-    bool, True where the key is visible. Returns (n_q, n_head, d_v). Keys are processed in blocks of
+    q: ([B,] n_head, n_q, d); k, v: ([B,] n_head_kv, n_kv, d), each group's keys in its sequence's
+    position order; mask: ([B,] n_q, n_kv) bool, True where the key is visible. Returns
+    ([B,] n_q, n_head, d_v). ``B`` groups of equal shape are computed in one call (every matmul
+    keeps its per-group shape, so batching groups changes no bits). Keys are processed in blocks of
     ``KV_BLOCK`` aligned to their rank, so a query's result does not depend on how many keys follow
     its visible ones, nor on how many queries share the call.
     """
-    h, nq, d = q.shape
-    hkv, nkv, dv = k.shape[0], k.shape[1], v.shape[2]
+    if q.dim() == 3:
+        return attention(q[None], k[None], v[None], mask[None], scale, softcap)[0]
+    B, h, nq, d = q.shape
+    hkv, nkv, dv = k.shape[1], k.shape[2], v.shape[3]
+    g = h // hkv
     out_dtype = q.dtype
     if not _state["invariant"]:  # fastest path: fused SDPA, whose reduction order depends on shapes
-        g = h // hkv
-        kk = k.repeat_interleave(g, 0) if g > 1 else k
-        vv = v.repeat_interleave(g, 0) if g > 1 else v
+        kk = k.repeat_interleave(g, 1) if g > 1 else k
+        vv = v.repeat_interleave(g, 1) if g > 1 else v
+        m4 = mask[:, None]
         if softcap:
             s = torch.matmul(q, kk.transpose(-1, -2)).float() * scale
-            s = (torch.tanh(s / softcap) * softcap).masked_fill(~mask, float("-inf"))
+            s = (torch.tanh(s / softcap) * softcap).masked_fill(~m4, float("-inf"))
             o = torch.matmul(torch.softmax(s, -1).to(vv.dtype), vv)
         else:
-            o = F.scaled_dot_product_attention(q.unsqueeze(0), kk.unsqueeze(0), vv.unsqueeze(0), attn_mask=mask, scale=scale)[0]
-        return o.transpose(0, 1).to(out_dtype)
+            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=m4, scale=scale)
+        return o.transpose(1, 2).to(out_dtype)
     nb = max(1, -(-nkv // KV_BLOCK))
     pad = nb * KV_BLOCK - nkv
     if pad:
-        k = torch.cat([k, k.new_zeros(hkv, pad, d)], 1)
-        v = torch.cat([v, v.new_zeros(hkv, pad, dv)], 1)
-        mask = torch.cat([mask, mask.new_zeros(nq, pad)], 1)
-    if _state["invariant"]:
-        if _state["threads"] != torch.get_num_threads():
-            self_test()
-        m = _padded_rows(nq, _state["min_rows"], _state["multiple"])
-        if m != nq:
-            q = torch.cat([q, q.new_zeros(h, m - nq, d)], 1)
-            mask = torch.cat([mask, mask.new_zeros(m - nq, mask.shape[1])], 0)
-    nqp = q.shape[1]
-    g = h // hkv
-    kb = k.reshape(hkv, 1, nb, KV_BLOCK, d).expand(hkv, g, nb, KV_BLOCK, d).reshape(h, nb, KV_BLOCK, d)
-    vb = v.reshape(hkv, 1, nb, KV_BLOCK, dv).expand(hkv, g, nb, KV_BLOCK, dv).reshape(h, nb, KV_BLOCK, dv)
-    # scores per key block: (h, nb, nqp, KV_BLOCK), each a fixed-shape matmul
-    s = torch.matmul(q.unsqueeze(1), kb.transpose(-1, -2)).float() * scale
+        k = torch.cat([k, k.new_zeros(B, hkv, pad, d)], 2)
+        v = torch.cat([v, v.new_zeros(B, hkv, pad, dv)], 2)
+        mask = torch.cat([mask, mask.new_zeros(B, nq, pad)], 2)
+    m = padded_rows(nq)
+    if m != nq:
+        q = torch.cat([q, q.new_zeros(B, h, m - nq, d)], 2)
+        mask = torch.cat([mask, mask.new_zeros(B, m - nq, mask.shape[2])], 1)
+    nqp = q.shape[2]
+    kb = k.reshape(B, hkv, 1, nb, KV_BLOCK, d).expand(B, hkv, g, nb, KV_BLOCK, d).reshape(B, h, nb, KV_BLOCK, d)
+    vb = v.reshape(B, hkv, 1, nb, KV_BLOCK, dv).expand(B, hkv, g, nb, KV_BLOCK, dv).reshape(B, h, nb, KV_BLOCK, dv)
+    # scores per key block: (B, h, nb, nqp, KV_BLOCK), each a fixed-shape matmul
+    s = torch.matmul(q.unsqueeze(2), kb.transpose(-1, -2)).float() * scale
     if softcap:
         s = torch.tanh(s / softcap) * softcap
-    mb = mask.reshape(nqp, nb, KV_BLOCK).transpose(0, 1).unsqueeze(0)  # (1, nb, nqp, KV_BLOCK)
+    mb = mask.reshape(B, nqp, nb, KV_BLOCK).transpose(1, 2).unsqueeze(1)  # (B, 1, nb, nqp, KV_BLOCK)
     s = s.masked_fill(~mb, float("-inf"))
-    mx = s.amax(dim=(1, 3), keepdim=True)  # exact, order-free
+    mx = s.amax(dim=(2, 4), keepdim=True)  # exact, order-free
     mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
     p = exp(s - mx)
-    l_b = p.sum(-1)  # (h, nb, nqp): fixed-length row sums
-    o_b = torch.matmul(p.to(vb.dtype), vb).float()  # (h, nb, nqp, dv)
-    l_sum, o_sum = l_b[:, 0], o_b[:, 0]
+    l_b = p.sum(-1)  # (B, h, nb, nqp): fixed-length row sums
+    o_b = torch.matmul(p.to(vb.dtype), vb).float()  # (B, h, nb, nqp, dv)
+    l_sum, o_sum = l_b[:, :, 0], o_b[:, :, 0]
     for b in range(1, nb):  # fixed order across blocks
-        l_sum = l_sum + l_b[:, b]
-        o_sum = o_sum + o_b[:, b]
+        l_sum = l_sum + l_b[:, :, b]
+        o_sum = o_sum + o_b[:, :, b]
     out = o_sum / l_sum.clamp_min(1e-30).unsqueeze(-1)
-    return out[:, :nq].transpose(0, 1).to(out_dtype)
+    return out[:, :, :nq].transpose(1, 2).to(out_dtype)
 
 
 def log_softmax(x: torch.Tensor) -> torch.Tensor:

@@ -39,9 +39,17 @@ class KVView:
         kc[self.slots.to(kc.device)] = k.to(kc.dtype)
         vc[self.slots.to(vc.device)] = v.to(vc.dtype)
 
-    def kv(self, layer: int, g: AttnGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    def batches(self) -> list[list[AttnGroup]]:
+        """The groups, bunched by (n_q, n_kv) so equal shapes are computed in one call."""
+        by: dict[tuple[int, int], list[AttnGroup]] = {}
+        for g in self.groups:
+            by.setdefault((len(g.q_idx), len(g.cells)), []).append(g)
+        return list(by.values())
+
+    def kv(self, layer: int, gs: list[AttnGroup]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of equal-shaped groups, (n_groups, n_kv, n_head_kv, d), one gather each."""
         kc, vc = self.cache.k[layer], self.cache.v[layer]
-        c = g.cells.to(kc.device)
+        c = torch.stack([g.cells for g in gs]).to(kc.device)
         return kc[c], vc[c]
 
 
@@ -159,8 +167,8 @@ class KVCache(Memory):
             raise MemoryFullError(f"KV cache full: {ub.n_tokens} cells needed, {free.numel()} free")
         slots = free[: ub.n_tokens]
         self.pos[slots] = ub.pos
-        for j, s in enumerate(ub.seq_ids):
-            self.seq[slots[j], list(s)] = True
+        lens = torch.tensor([len(s) for s in ub.seq_ids])
+        self.seq[slots.repeat_interleave(lens), torch.tensor([i for s in ub.seq_ids for i in s])] = True
         return KVView(slots, self._plan(ub), self)
 
     def _plan(self, ub: UBatch) -> list[AttnGroup]:

@@ -88,12 +88,13 @@ class Attention(nn.Module):
         q, k = rope(q, pos), rope(k, pos)
         view.store(layer, k, v)
         out = q.new_empty(n, a.n_head, a.head_dim)
-        for g in view.groups:
-            kk, vv = view.kv(layer, g)
-            qi = g.q_idx.to(x.device)
-            o = ops.attention(q[qi].transpose(0, 1), kk.transpose(0, 1).to(q.dtype), vv.transpose(0, 1).to(q.dtype),
-                              g.mask.to(x.device), self.scale)
-            out[qi] = o
+        for gs in view.batches():  # groups of equal shape, computed together
+            kk, vv = view.kv(layer, gs)
+            qi = torch.cat([g.q_idx for g in gs]).to(x.device)
+            qq = q[qi].view(len(gs), -1, a.n_head, a.head_dim).transpose(1, 2)
+            kk, vv = kk.transpose(1, 2).to(q.dtype), vv.transpose(1, 2).to(q.dtype)
+            mask = torch.stack([g.mask for g in gs]).to(x.device)
+            out[qi] = ops.attention(qq, kk, vv, mask, self.scale).reshape(-1, a.n_head, a.head_dim)
         return ops.linear(out.reshape(n, -1), self.wo)
 
 
