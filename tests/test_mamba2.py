@@ -16,7 +16,7 @@ from gguf_runtime.perplexity import perplexity
 from gguf_runtime.reader import GGUFFile
 from gguf_runtime.ssd import CHUNK, SSDState, ssd_scan
 from gguf_runtime.tokenizer import Tokenizer
-from test_mamba import alone, ctx  # the same context helpers as Mamba's tests
+from test_mamba import alone, assert_steps_bitwise_invariant, ctx, states  # shared with Mamba's tests
 
 MAMBA2_TINY_PPL = 685.9431  # llama-perplexity -c 128 --chunks 100, first 200,000 bytes (../shared/README.md)
 
@@ -33,11 +33,6 @@ def model(gguf_dir):
 @pytest.fixture(scope="module")
 def transformers():
     return pytest.importorskip("transformers")
-
-
-def states(c: Context, seq_id: int) -> list[torch.Tensor]:
-    cell = c.memory.meta.tail[seq_id]
-    return [t[cell].clone() for ts in c.memory.states.values() for t in ts]
 
 
 # -- the model against transformers -------------------------------------------------------------
@@ -192,17 +187,7 @@ def test_ssd_scan_matches_recurrence_and_is_split_invariant():
 # -- split invariance through the context: bitwise ------------------------------------------------
 def test_ubatch_split_and_neighbours_are_bitwise_invariant(model):
     t = toks(80, 4)  # 2 chunks and a tail
-    ref_c = ctx(model)
-    ref_c.decode(Batch(t, output=[True] * len(t)))
-    ref, ref_state = ref_c.get_logits(), states(ref_c, 0)
-    for step in (1, 7, 64):  # separate decode calls of `step` tokens
-        c = ctx(model)
-        out = []
-        for p in range(0, len(t), step):
-            c.decode(Batch(t[p:p + step], output=[True] * len(t[p:p + step])))
-            out.append(c.get_logits())
-        assert torch.equal(torch.cat(out), ref), f"{step} tokens per decode"
-        assert all(torch.equal(x, y) for x, y in zip(states(c, 0), ref_state))
+    ref, ref_state = assert_steps_bitwise_invariant(model, t)
     # beside other sequences, one of which is 30 tokens ahead (other chunk offsets in the same ubatch)
     other = toks(110, 5)
     for n_ubatch in (2, 14, 128):  # 1 / 7 / 64 tokens of each of the two sequences per ubatch
