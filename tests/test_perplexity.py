@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from gguf_runtime.errors import BatchError, UnsupportedError
+from gguf_runtime.errors import BatchError
 from gguf_runtime.models import load_model
 from gguf_runtime.perplexity import perplexity, token_nll
 from gguf_runtime.reader import GGUFFile
@@ -81,10 +81,7 @@ def test_bad_parameters(tiny):
 
 def test_mamba_matches_llama_cpp(gguf_dir, wikitext):
     path = gguf_dir / "mamba-tiny-f32.gguf"
-    try:
-        model = load_model(path)
-    except UnsupportedError as e:
-        pytest.skip(f"Mamba not available yet: {e}")
+    model = load_model(path)
     toks, tok = _wiki_tokens(path, wikitext)
     r = perplexity(model, toks, n_ctx=128, bos=tok.bos_id if tok.add_bos else None)
     assert r.n_chunks == 683
