@@ -145,6 +145,8 @@ class BatchAllocator:
         self.used = [False] * n
 
     def _check_positions(self, memory) -> None:
+        if all(len(s) == 1 for s in self.seq_ids) and self._positions_ok_single(memory):
+            return
         per_seq: dict[int, list[int]] = {}
         cur_set: dict[int, int] = {}
         last: dict[int, int] = {}
@@ -168,6 +170,26 @@ class BatchAllocator:
                         f"positions must continue the sequence (expected {p0 + 1})")
             if hi - lo + 1 > len(set(ps)):
                 raise BatchError(f"sequence {sid} positions are not continuous in the batch ({lo}..{hi} with gaps)")
+
+    def _positions_ok_single(self, memory) -> bool:
+        """Vectorised check for the common case of one sequence per token: within each sequence,
+        positions (in batch order) step by 0 or 1 and start right after the memory's last. False
+        sends the batch through the general loop, which also words the error."""
+        seq = torch.tensor([s[0] for s in self.seq_ids])
+        order = torch.argsort(seq, stable=True)
+        ss, ps = seq[order], self.pos[order]
+        same = ss[1:] == ss[:-1]
+        d = (ps[1:] - ps[:-1])[same]
+        if not bool(((d == 0) | (d == 1)).all()):
+            return False
+        if memory is not None:
+            first = torch.ones_like(ss, dtype=torch.bool)
+            first[1:] = ~same
+            for sid, lo in zip(ss[first].tolist(), ps[first].tolist()):
+                p0 = memory.seq_pos_max(sid)
+                if p0 >= 0 and lo != p0 + 1:
+                    return False
+        return True
 
     # -- splitting -----------------------------------------------------------------------------
     @property
