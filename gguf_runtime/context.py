@@ -85,24 +85,23 @@ class Context:
             raise BatchError(f"token {i} of the last batch was not marked as an output")
         return int(hit[0])
 
+    def _out(self, embeddings: bool) -> torch.Tensor:
+        t = self._hidden if embeddings else self._logits
+        if t is None:
+            raise BatchError("no embeddings: create the context with embeddings=True" if embeddings else
+                             "no logits: the last batch had no outputs or the context computes embeddings")
+        return t
+
     def logits(self, i: int) -> torch.Tensor:
         """Logits of batch token ``i`` (negative: counted back from the last output)."""
-        if self._logits is None:
-            raise BatchError("no logits: the last batch had no outputs or the context computes embeddings")
-        return self._logits[self._row(i)]
+        return self._out(False)[self._row(i)]
 
     def get_logits(self) -> torch.Tensor:
         """All output logits, (n_outputs, n_vocab), in batch order."""
-        if self._logits is None:
-            raise BatchError("no logits: the last batch had no outputs or the context computes embeddings")
-        return self._logits
+        return self._out(False)
 
     def embeddings_ith(self, i: int) -> torch.Tensor:
-        if self._hidden is None:
-            raise BatchError("no embeddings: create the context with embeddings=True")
-        return self._hidden[self._row(i)]
+        return self._out(True)[self._row(i)]
 
     def get_embeddings(self) -> torch.Tensor:
-        if self._hidden is None:
-            raise BatchError("no embeddings: create the context with embeddings=True")
-        return self._hidden
+        return self._out(True)

@@ -65,7 +65,12 @@ def test_metadata_matches_hf_config(model, shared):
 
 def test_logits_match_transformers(model, shared, hf_cls):
     """Two sequences of different lengths in one batch (equal splits), then single-token steps."""
-    hf = hf_cls.from_pretrained(shared / "models" / "mamba-tiny-hf").eval()
+    assert_two_sequences_then_steps_match(model, hf_cls.from_pretrained(shared / "models" / "mamba-tiny-hf").eval())
+
+
+def assert_two_sequences_then_steps_match(model, hf):
+    """150 and 37 tokens decoded together (equal splits), then 3 single-token steps of the first,
+    against transformers' logits of each whole sequence, within 1e-4."""
     a, b = toks(150, 1), toks(37, 2)
     c = ctx(model, n_seq=2, n_ubatch=64)
     c.decode(Batch.from_sequences([a[:-3], b], outputs="all"))

@@ -9,14 +9,13 @@ import pytest
 import torch
 
 from gguf_runtime.batch import Batch
-from gguf_runtime.context import Context
 from gguf_runtime.errors import GGUFFormatError
 from gguf_runtime.models import load_model
 from gguf_runtime.perplexity import perplexity
 from gguf_runtime.reader import GGUFFile
 from gguf_runtime.ssd import CHUNK, SSDState, ssd_scan
 from gguf_runtime.tokenizer import Tokenizer
-from test_mamba import alone, assert_steps_bitwise_invariant, ctx, states  # shared with Mamba's tests
+from test_mamba import alone, assert_steps_bitwise_invariant, assert_two_sequences_then_steps_match, ctx, states  # shared with Mamba's tests
 
 MAMBA2_TINY_PPL = 685.9431  # llama-perplexity -c 128 --chunks 100, first 200,000 bytes (../shared/README.md)
 
@@ -49,20 +48,7 @@ def test_metadata_matches_hf_config(model, shared):
 def test_logits_match_transformers(model, shared, transformers):
     """Two sequences of different lengths in one batch (equal splits, chunk boundaries crossed),
     then single-token decode steps on one of them."""
-    hf = transformers.Mamba2ForCausalLM.from_pretrained(shared / "models" / "mamba2-tiny-hf").eval()
-    a, b = toks(150, 1), toks(37, 2)
-    c = ctx(model, n_seq=2, n_ubatch=64)
-    c.decode(Batch.from_sequences([a[:-3], b], outputs="all"))
-    ours = c.get_logits()
-    stepped = []
-    for t in a[-3:]:
-        c.decode(Batch([t], seq_ids=[(0,)]))
-        stepped.append(c.logits(0))
-    with torch.inference_mode():
-        ref_a, ref_b = hf(torch.tensor([a])).logits[0], hf(torch.tensor([b])).logits[0]
-    torch.testing.assert_close(ours[:147], ref_a[:147], rtol=0, atol=1e-4)
-    torch.testing.assert_close(ours[147:], ref_b, rtol=0, atol=1e-4)
-    torch.testing.assert_close(torch.stack(stepped), ref_a[147:], rtol=0, atol=1e-4)
+    assert_two_sequences_then_steps_match(model, transformers.Mamba2ForCausalLM.from_pretrained(shared / "models" / "mamba2-tiny-hf").eval())
 
 
 def write_gguf(hf, path, skip: str = "") -> None:
