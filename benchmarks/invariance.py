@@ -2,14 +2,15 @@
 
 Prefill of 512 tokens, decode at batch 1 (one sequence, one token per step) and decode at batch 64
 (64 sequences, one token each per step), on llama-tiny f32 and SmolLM2-135M (Q4_1 dequantized to
-f32). Prints a markdown table of ms per step and the invariant/fast ratio.
+f32). The two modes alternate round by round; each figure is the best of ``--reps`` rounds (on a
+shared machine interference only ever adds time). Prints a markdown table of ms per step and the
+invariant/fast ratio.
 
-    python benchmarks/invariance.py [--threads 2] [--reps 3]
+    python benchmarks/invariance.py [--threads 2] [--reps 5] [--cpu-time]
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
@@ -18,17 +19,17 @@ import torch
 from gguf_runtime import fixtures, ops
 from gguf_runtime.batch import Batch
 from gguf_runtime.context import Context
+from gguf_runtime.device import keep_host_memory
 from gguf_runtime.models import load_model
 
 
-def _time(fn, reps):
-    fn()  # warm-up
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+CLOCK = time.perf_counter  # --cpu-time: time.thread_time (with --threads 1, the work runs on this thread)
+
+
+def _timed(fn):
+    t0 = CLOCK()
+    fn()
+    return CLOCK() - t0
 
 
 def bench(model, reps, n_vocab):
@@ -42,27 +43,31 @@ def bench(model, reps, n_vocab):
     def decode1():
         c = Context(model, n_ctx=600)
         c.decode(Batch(toks[:64]))
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         for t in toks[64:96]:
             c.decode(Batch([t]))
-        return (time.perf_counter() - t0) / 32
+        return (CLOCK() - t0) / 32
 
     def decode64():
         c = Context(model, n_ctx=64 * 40, n_batch=2048, n_seq_max=64)
         c.decode(Batch.from_sequences([toks[i:i + 16] for i in range(64)]))
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         for step in range(8):
             c.decode(Batch.from_sequences([[toks[(i + step) % 512]] for i in range(64)]))
-        return (time.perf_counter() - t0) / 8
+        return (CLOCK() - t0) / 8
 
-    out = {}
-    for mode in (True, False):
-        ops.set_invariant(mode)
-        out[("prefill 512", mode)] = _time(prefill, reps)
-        decode1()
-        out[("decode batch 1", mode)] = statistics.median(decode1() for _ in range(reps))
-        decode64()
-        out[("decode batch 64", mode)] = statistics.median(decode64() for _ in range(reps))
+    # modes interleaved round by round, so drifting machine load hits both alike
+    work = {"prefill 512": lambda: _timed(prefill), "decode batch 1": decode1, "decode batch 64": decode64}
+    samples = {(w, mode): [] for w in work for mode in (True, False)}
+    for w, fn in work.items():
+        for mode in (True, False):  # warm-up
+            ops.set_invariant(mode)
+            fn()
+        for _ in range(reps):
+            for mode in (True, False):
+                ops.set_invariant(mode)
+                samples[(w, mode)].append(fn())
+    out = {k: min(v) for k, v in samples.items()}  # best of reps: interference only ever adds time
     ops.set_invariant(True)
     return out
 
@@ -70,17 +75,24 @@ def bench(model, reps, n_vocab):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time by this thread's CPU time (use with --threads 1): steady on a shared machine")
     a = ap.parse_args()
+    if a.cpu_time:
+        global CLOCK
+        CLOCK = time.thread_time
     torch.set_num_threads(a.threads)
+    keep_host_memory()
     shared = fixtures.shared_dir()
     models = [("llama-tiny f32", shared / "models" / "gguf" / "llama-tiny-f32.gguf")]
     try:
         models.append(("SmolLM2-135M Q4_1", fixtures.smollm2_path()))
     except fixtures.FixtureUnavailable as e:
         print(f"(skipping SmolLM2: {e})")
-    print(f"threads={a.threads} device={a.device or 'default'} self-test={ops.self_test()}")
+    print(f"threads={a.threads} device={a.device or 'default'} clock={'thread CPU' if a.cpu_time else 'wall'} "
+          f"self-test={ops.self_test()}")
     print("| model | workload | invariant ms/step | fast ms/step | cost |")
     print("|---|---|---:|---:|---:|")
     for name, path in models:

@@ -62,6 +62,12 @@ def command(
     kl_divergence_base: Optional[Path] = typer.Option(None, "--kl-divergence-base", "--save-all-logits",
                                                       help="logits file: written by a perplexity run, read by --kl-divergence"),
     kl_divergence: bool = typer.Option(False, "--kl-divergence", help="KL-divergence against --kl-divergence-base"),
+    cache_type_k: Optional[str] = typer.Option(None, "-ctk", "--cache-type-k",
+                                               help="KV cache type for K: f32, f16, bf16 (default: --dtype; f16 with --ggml-numerics)"),
+    cache_type_v: Optional[str] = typer.Option(None, "-ctv", "--cache-type-v", help="KV cache type for V (as -ctk)"),
+    ggml_numerics: bool = typer.Option(False, "--ggml-numerics",
+                                       help="round as llama.cpp's CPU backend does (Q8 activations for quantized "
+                                            "weights, f16 KV cache) to reproduce its scores; default: exact float math"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar on stderr"),
 ):
     from gguf_runtime import fixtures, tasks
@@ -87,9 +93,17 @@ def command(
         check_batch(ctx_size, batch_size)
     if threads > 0:
         torch.set_num_threads(threads)
-    dt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
+    dtypes = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+    dt = dtypes.get(dtype)
     if dt is None:
         raise GGUFRuntimeError(f"unknown --dtype '{dtype}' (use f32, f16 or bf16)")
+    cache_types = []
+    for flag, v in (("-ctk", cache_type_k), ("-ctv", cache_type_v)):
+        if v is None:
+            v = "f16" if ggml_numerics else None
+        if v is not None and v not in dtypes:
+            raise GGUFRuntimeError(f"unknown {flag} '{v}' (use f32, f16 or bf16)")
+        cache_types.append(dtypes.get(v))
 
     if model is None:
         model = fixtures.smollm2_path()
@@ -104,6 +118,17 @@ def command(
     f = GGUFFile(model)
     tok = Tokenizer.from_gguf(f)
     m = load_model(f, device=device, dtype=dt)
+    if any(cache_types):
+        if not hasattr(m, "cache_types"):
+            m.cache_types = tuple(cache_types)
+        if f.arch != "llama":
+            _info(f"-ctk/-ctv: {f.arch} has no KV cache; ignored")
+    if ggml_numerics:
+        from gguf_runtime import ggml_numerics as gn
+
+        gn.set_enabled(True)
+        _info("ggml numerics: activations rounded to each weight type's vec_dot_type, KV cache "
+              f"{'/'.join(str(t).removeprefix('torch.') for t in m.cache_types) if hasattr(m, 'cache_types') else 'as --dtype'}")
     bos = tok.bos_id if tok.add_bos else None
 
     if mode == "--kl-divergence":

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import ops
 from ..batch import BatchAllocator, UBatch
 from ..errors import MemoryFullError
 from .base import Memory
@@ -23,7 +24,7 @@ from .base import Memory
 @dataclass
 class AttnGroup:
     q_idx: torch.Tensor  # (n_q,) rows of the ubatch attending together
-    cells: torch.Tensor  # (n_kv,) cache cells of their sequence, in position order
+    cells: torch.Tensor  # (n_kv,) cache cells of their sequence, in position order (then the pad cell)
     mask: torch.Tensor  # (n_q, n_kv) bool: visible (causal)
     mask_swa: torch.Tensor | None  # (n_q, n_kv) bool for sliding-window layers
 
@@ -49,21 +50,24 @@ class KVView:
     def kv(self, layer: int, gs: list[AttnGroup]) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of equal-shaped groups, (n_groups, n_kv, n_head_kv, d), one gather each."""
         kc, vc = self.cache.k[layer], self.cache.v[layer]
-        c = torch.stack([g.cells for g in gs]).to(kc.device)
-        return kc[c], vc[c]
+        c = torch.cat([g.cells for g in gs]).to(kc.device)
+        shape = (len(gs), -1) + tuple(kc.shape[1:])
+        return kc.index_select(0, c).view(shape), vc.index_select(0, c).view(shape[:2] + tuple(vc.shape[1:]))  # index_select: ~6x faster than kc[c]
 
 
 class KVCache(Memory):
     def __init__(self, n_layer: int, n_ctx: int, n_seq_max: int, n_head_kv: int | list[int], head_dim_k: int,
                  head_dim_v: int | None = None, dtype=torch.float32, device=None, causal: bool = True,
-                 n_swa: int = 0, swa_layers: list[bool] | None = None):
+                 n_swa: int = 0, swa_layers: list[bool] | None = None, dtype_v=None):
         self.n_layer, self.n_ctx, self.n_seq_max = n_layer, n_ctx, n_seq_max
         self.causal, self.n_swa = causal, n_swa
         self.swa_layers = swa_layers or [False] * n_layer
         hkv = n_head_kv if isinstance(n_head_kv, list) else [n_head_kv] * n_layer
         dv = head_dim_v or head_dim_k
-        self.k = [torch.zeros(n_ctx, hkv[i], head_dim_k, dtype=dtype, device=device) for i in range(n_layer)]
-        self.v = [torch.zeros(n_ctx, hkv[i], dv, dtype=dtype, device=device) for i in range(n_layer)]
+        # one row past the cells stays zero: attention plans pad each sequence's key list with it up
+        # to a whole key block (masked, so it contributes exact zeros), instead of copying K/V to pad
+        self.k = [torch.zeros(n_ctx + 1, hkv[i], head_dim_k, dtype=dtype, device=device) for i in range(n_layer)]
+        self.v = [torch.zeros(n_ctx + 1, hkv[i], dv, dtype=dtype_v or dtype, device=device) for i in range(n_layer)]
         self.pos = torch.full((n_ctx,), -1, dtype=torch.long)
         self.seq = torch.zeros(n_ctx, n_seq_max, dtype=torch.bool)
         self.shift = torch.zeros(n_ctx, dtype=torch.long)
@@ -188,5 +192,11 @@ class KVCache(Memory):
             mask_swa = None
             if self.n_swa > 0 and any(self.swa_layers):
                 mask_swa = mask & (qpos.unsqueeze(1) - cpos.unsqueeze(0) < self.n_swa)
+            pad = (-len(cells)) % ops.KV_BLOCK if ops.is_invariant() else 0
+            if pad:  # whole key blocks for ops.attention: the zero pad cell, masked
+                cells = torch.cat([cells, cells.new_full((pad,), self.n_ctx)])
+                mask = torch.cat([mask, mask.new_zeros(len(q_idx), pad)], 1)
+                if mask_swa is not None:
+                    mask_swa = torch.cat([mask_swa, mask_swa.new_zeros(len(q_idx), pad)], 1)
             groups.append(AttnGroup(q_idx, cells, mask, mask_swa))
         return groups

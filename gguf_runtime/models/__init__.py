@@ -50,7 +50,9 @@ def build(cls, args, f: GGUFFile, device=None, dtype=torch.float32, reshape: boo
     dev = resolve_device(device)
     with torch.device("meta"):
         model = cls(args)
-    weights = cls.sanitize({n: f.tensor(n, device=dev, dtype=dtype) for n in f.tensor_infos})
+    raw = {n: f.tensor(n, device=dev, dtype=dtype) for n in f.tensor_infos}
+    by_ptr = {t.data_ptr(): n for n, t in raw.items()}
+    weights = cls.sanitize(raw)
     params = dict(model.named_parameters())
     for n, p in params.items():
         if n not in weights:
@@ -62,5 +64,9 @@ def build(cls, args, f: GGUFFile, device=None, dtype=torch.float32, reshape: boo
                                       f"expected {tuple(p.shape)} from the metadata")
             weights[n] = w.reshape(p.shape)
     model.load_state_dict({n: weights[n] for n in params}, strict=True, assign=True)
+    for p in model.parameters():  # the file's type of each weight, for ggml_numerics
+        name = by_ptr.get(p.data_ptr())
+        if name is not None:
+            p.ggml_type, p.ggml_source = f.info(name).qtype.name, (f, name)
     model.dtype, model.device = dtype, dev
     return model.eval(), weights

@@ -91,10 +91,10 @@ class Attention(nn.Module):
         for gs in view.batches():  # groups of equal shape, computed together
             kk, vv = view.kv(layer, gs)
             qi = torch.cat([g.q_idx for g in gs]).to(x.device)
-            qq = q[qi].view(len(gs), -1, a.n_head, a.head_dim).transpose(1, 2)
+            qq = q.index_select(0, qi).view(len(gs), -1, a.n_head, a.head_dim).transpose(1, 2)
             kk, vv = kk.transpose(1, 2).to(q.dtype), vv.transpose(1, 2).to(q.dtype)
             mask = torch.stack([g.mask for g in gs]).to(x.device)
-            out[qi] = ops.attention(qq, kk, vv, mask, self.scale).reshape(-1, a.n_head, a.head_dim)
+            out.index_copy_(0, qi, ops.attention(qq, kk, vv, mask, self.scale).reshape(-1, a.n_head, a.head_dim))
         return ops.linear(out.reshape(n, -1), self.wo)
 
 
@@ -174,8 +174,12 @@ class Model(nn.Module):
 
     # -- memory ----------------------------------------------------------------------------------
     def make_cache(self, n_ctx: int, n_seq_max: int = 1, dtype=None) -> KVCache:
+        """The KV cache, in the compute dtype unless ``dtype`` or the model's ``cache_types`` (K, V
+        dtypes, as ``-ctk``/``-ctv`` set them) say otherwise."""
         a = self.args
-        return KVCache(a.n_layer, n_ctx, n_seq_max, a.n_head_kv, a.head_dim, dtype=dtype or self.dtype, device=self.device)
+        tk, tv = getattr(self, "cache_types", (None, None))
+        return KVCache(a.n_layer, n_ctx, n_seq_max, a.n_head_kv, a.head_dim, dtype=dtype or tk or self.dtype,
+                       dtype_v=dtype or tv or self.dtype, device=self.device)
 
     def shift_k(self, cache: KVCache) -> None:
         """Re-rotate cached K of shifted cells by their position delta (llama.cpp's K-shift)."""

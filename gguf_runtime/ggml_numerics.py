@@ -1,0 +1,107 @@
+"""Opt-in ggml numerics: round activations as llama.cpp's CPU backend does, to reproduce its scores.
+
+By default gguf-runtime multiplies float32 activations by the dequantized weights, which is what the
+file's weights mean (our logits match transformers on the same file within ~2e-6). llama.cpp's CPU
+backend computes differently: before a matmul with a quantized weight it quantizes each activation row
+to the weight type's ``vec_dot_type`` and multiplies in integers, and it stores K and V in f16. Those
+roundings move a log-probability by ~1e-3, which is enough to flip the odd HellaSwag task whose two
+best endings are that close. With :func:`set_enabled` (CLI: ``--ggml-numerics``) ``ops.linear``
+rounds each activation row exactly as ggml's quantizer does before multiplying, so the products see
+the same inputs as ggml's integer dot products (their sums differ from ggml's only by float32
+rounding); the CLI pairs it with an f16 KV cache.
+
+The rounding of each row depends on that row alone, so batch invariance is kept.
+
+ggml's rules (ggml-cpu's ``type_traits_cpu[...].vec_dot_type`` and its x86 quantizers):
+
+- Q8_0 (Q4_0, Q5_0, Q8_0, IQ4_NL, MXFP4, NVFP4 weights): blocks of 32; ``d = amax / 127`` stored as
+  f16, ``q = round_half_even(x * (127 / amax))``.
+- Q8_1 (Q4_1, Q5_1): as Q8_0, plus the block sum ``s = f16(d * sum(q))`` that multiplies the weight
+  block's min; we apply the min term with ``s`` as ggml rounds it.
+- Q8_K (K-quants, IQ2/IQ3/IQ1/IQ4_XS, TQ): blocks of 256; ``max`` = the value of largest magnitude
+  (first one on ties), ``iscale = -127 / max``, ``q = min(127, round_half_even(iscale * x))``,
+  ``d = 1 / iscale`` in float32.
+- F16 / BF16 weights: activations rounded to f16 / bf16. F32 weights: unchanged.
+"""
+from __future__ import annotations
+
+import torch
+
+_state = {"enabled": False}
+
+_Q8_0 = {"Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "MXFP4", "NVFP4", "Q1_0", "Q2_0"}
+_Q8_1 = {"Q4_1", "Q5_1", "Q8_1"}
+_Q8_K = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S",
+         "IQ1_M", "IQ4_XS", "TQ1_0", "TQ2_0"}
+
+
+def set_enabled(on: bool) -> None:
+    _state["enabled"] = bool(on)
+
+
+def is_enabled() -> bool:
+    return _state["enabled"]
+
+
+def vec_dot_type(ggml_type: str | None) -> str | None:
+    """The activation format ggml's CPU backend multiplies a weight of ``ggml_type`` with."""
+    if ggml_type in _Q8_0:
+        return "Q8_0"
+    if ggml_type in _Q8_1:
+        return "Q8_1"
+    if ggml_type in _Q8_K:
+        return "Q8_K"
+    if ggml_type in ("F16", "BF16"):
+        return ggml_type
+    return None
+
+
+def quantize_q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's x86 ``quantize_row_q8_0``/``q8_1`` on rows of ``x`` (..., K), K % 32 == 0: the integer
+    values ``q`` (..., K/32, 32), the f32 scale ``d`` before its f16 rounding and the f16 scale, both
+    (..., K/32, 1)."""
+    xb = x.float().unflatten(-1, (-1, 32))
+    amax = xb.abs().amax(-1, keepdim=True)
+    d = amax / 127.0
+    inv = torch.where(amax != 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(xb * inv)  # _mm256_round_ps(_MM_ROUND_NEAREST): half to even, as torch.round
+    return q, d, d.half().float()
+
+
+def quantize_q8_k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's ``quantize_row_q8_K_ref`` on rows of ``x`` (..., K), K % 256 == 0: ``q`` (..., K/256, 256)
+    and ``d`` (..., K/256, 1), float32."""
+    xb = x.float().unflatten(-1, (-1, 256))
+    i = xb.abs().argmax(-1, keepdim=True)  # first index of the largest magnitude, as ggml's strict '>'
+    mx = xb.gather(-1, i)
+    iscale = torch.where(mx != 0, -127.0 / mx, torch.zeros_like(mx))
+    q = torch.round(xb * iscale).clamp(max=127)  # nearest_int: round half to even
+    d = torch.where(mx != 0, 1.0 / iscale, torch.zeros_like(mx))
+    return q, d
+
+
+def round_activations(x: torch.Tensor, ggml_type: str | None) -> torch.Tensor:
+    """``x`` (..., K) rounded as ggml feeds it to a matmul with a ``ggml_type`` weight (float32)."""
+    kind = vec_dot_type(ggml_type)
+    K = x.shape[-1]
+    if kind in ("Q8_0", "Q8_1") and K % 32 == 0:
+        q, _, d16 = quantize_q8_0(x)
+        return (q * d16).flatten(-2)
+    if kind == "Q8_K" and K % 256 == 0:
+        q, d = quantize_q8_k(x)
+        return (q * d).flatten(-2)
+    if kind == "F16":
+        return x.half().to(x.dtype)
+    if kind == "BF16":
+        return x.bfloat16().to(x.dtype)
+    return x
+
+
+def q8_1_min_correction(x: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """The part of ggml's Q4_1/Q5_1 x Q8_1 product our float product cannot see: ggml multiplies
+    each weight block's min ``m`` by ``s = f16(d * sum(q))``, not by ``f16(d) * sum(q)``. Returns
+    ``sum_b (s_b - d16_b * sum(q_b)) * m[n, b]`` (..., N) for ``mins`` (N, K/32)."""
+    q, d, d16 = quantize_q8_0(x)
+    sq = q.sum(-1, keepdim=True)
+    delta = ((d * sq).half().float() - d16 * sq).squeeze(-1)  # (..., K/32)
+    return delta @ mins.t()
