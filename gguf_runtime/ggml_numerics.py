@@ -15,7 +15,7 @@ The rounding of each row depends on that row alone, so batch invariance is kept.
 ggml's rules (ggml-cpu's ``type_traits_cpu[...].vec_dot_type`` and its x86 quantizers):
 
 - Q8_0 (Q4_0, Q5_0, Q8_0, IQ4_NL, MXFP4, NVFP4 weights): blocks of 32; ``d = amax / 127`` stored as
-  f16, ``q = round_half_even(x * (127 / amax))``.
+  f16, ``q = roundf(x * (1 / d))``.
 - Q8_1 (Q4_1, Q5_1): as Q8_0, plus the block sum ``s = f16(d * sum(q))`` that multiplies the weight
   block's min; we apply the min term with ``s`` as ggml rounds it.
 - Q8_K (K-quants, IQ2/IQ3/IQ1/IQ4_XS, TQ): blocks of 256; ``max`` = the value of largest magnitude
@@ -56,15 +56,22 @@ def vec_dot_type(ggml_type: str | None) -> str | None:
     return None
 
 
+def _round_away(v: torch.Tensor) -> torch.Tensor:
+    """C's ``roundf``: halves away from zero (torch.round goes to even)."""
+    return torch.sign(v) * torch.floor(v.abs() + 0.5)
+
+
 def quantize_q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ggml's x86 ``quantize_row_q8_0``/``q8_1`` on rows of ``x`` (..., K), K % 32 == 0: the integer
-    values ``q`` (..., K/32, 32), the f32 scale ``d`` before its f16 rounding and the f16 scale, both
-    (..., K/32, 1)."""
+    """ggml's ``quantize_row_q8_0_ref``/``q8_1_ref`` on rows of ``x`` (..., K), K % 32 == 0: the
+    integer values ``q`` (..., K/32, 32), the f32 scale ``d`` before its f16 rounding and the f16
+    scale, both (..., K/32, 1). ``id = 1/d`` and ``roundf`` — the reference formulas, which the
+    llama.cpp CPU build measured here uses for activations (its AVX2 variant, ``x * (127/amax)``
+    rounded half to even, disagrees on exact ties; checked against dumped activations)."""
     xb = x.float().unflatten(-1, (-1, 32))
     amax = xb.abs().amax(-1, keepdim=True)
     d = amax / 127.0
     inv = torch.where(amax != 0, 127.0 / amax, torch.zeros_like(amax))
-    q = torch.round(xb * inv)  # _mm256_round_ps(_MM_ROUND_NEAREST): half to even, as torch.round
+    q = torch.round(xb * inv)
     return q, d, d.half().float()
 
 
@@ -75,7 +82,7 @@ def quantize_q8_k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     i = xb.abs().argmax(-1, keepdim=True)  # first index of the largest magnitude, as ggml's strict '>'
     mx = xb.gather(-1, i)
     iscale = torch.where(mx != 0, -127.0 / mx, torch.zeros_like(mx))
-    q = torch.round(xb * iscale).clamp(max=127)  # nearest_int: round half to even
+    q = torch.round(xb * iscale).clamp(max=127)  # nearest_int (the 1.5 * 2^23 trick): half to even
     d = torch.where(mx != 0, 1.0 / iscale, torch.zeros_like(mx))
     return q, d
 
@@ -105,3 +112,21 @@ def q8_1_min_correction(x: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
     sq = q.sum(-1, keepdim=True)
     delta = ((d * sq).half().float() - d16 * sq).squeeze(-1)  # (..., K/32)
     return delta @ mins.t()
+
+
+def rope_theta(pos: torch.Tensor, n_pairs: int, base: float, freq_scale: float = 1.0,
+               freq_factors: torch.Tensor | None = None) -> torch.Tensor:
+    """RoPE angles (n, n_pairs) as ggml's CPU rope cache computes them: ``theta = p`` then
+    ``theta *= powf(base, -2/n_dims)`` pair after pair in float32 (its rounding grows with the pair
+    index and the position: ~1e-5 relative at position 500, against our directly computed
+    ``p * base^(-2i/d)``), times ``freq_scale``, divided by the llama3 ``freq_factors``."""
+    ts = torch.tensor(base, dtype=torch.float32) ** torch.tensor(-2.0 / (2 * n_pairs), dtype=torch.float32)
+    theta = pos.to(torch.float32)
+    cols = []
+    for _ in range(n_pairs):
+        cols.append(theta)
+        theta = theta * ts
+    out = torch.stack(cols, -1)
+    if freq_factors is not None:
+        out = out / freq_factors.to(out.device, torch.float32)
+    return out * freq_scale if freq_scale != 1.0 else out

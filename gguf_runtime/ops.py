@@ -167,6 +167,10 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tenso
     elementwise kernels round differently in their vector body and scalar tail, which would make a
     row's result depend on how many rows share the call."""
     xf = x.float()
+    if ggml_numerics.is_enabled():  # ggml: sum of float squares in double, 1/sqrtf in float, x * scale * w
+        scale = torch.rsqrt(((xf * xf).double().sum(-1, keepdim=True) / xf.shape[-1]).float() + eps)
+        y = xf * scale
+        return (y * w.float() if w is not None else y).to(x.dtype)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if w is not None:
         y = y * w.float()
@@ -445,7 +449,7 @@ def rope_freqs(dim: int, base: float, scaling: dict | None = None) -> tuple[torc
 
 
 def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, neox: bool, freq_factors: torch.Tensor | None = None,
-         mscale: float = 1.0) -> torch.Tensor:
+         mscale: float = 1.0, ggml_theta: tuple[float, float] | None = None) -> torch.Tensor:
     """Rotate x (n, heads, d_rot...) at integer positions ``pos`` (n,). Normal (GPT-J/llama.cpp
     'norm') rotates adjacent pairs; NeoX rotates halves. Angles in float32 as ggml computes them."""
     d = inv_freq.numel() * 2
@@ -453,7 +457,10 @@ def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, neox: bool,
     inv = inv_freq.to(x.device)
     if freq_factors is not None:
         inv = inv / freq_factors.to(x.device)
-    theta = pos.to(x.device, torch.float32).unsqueeze(-1) * inv  # (n, d/2)
+    if ggml_theta is not None and ggml_numerics.is_enabled():  # (base, freq_scale): ggml's angle recurrence
+        theta = ggml_numerics.rope_theta(pos.to(x.device), d // 2, ggml_theta[0], ggml_theta[1], freq_factors)
+    else:
+        theta = pos.to(x.device, torch.float32).unsqueeze(-1) * inv  # (n, d/2)
     cos, sin = theta.cos().unsqueeze(1), theta.sin().unsqueeze(1)
     if mscale != 1.0:
         cos, sin = cos * mscale, sin * mscale

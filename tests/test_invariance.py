@@ -107,3 +107,59 @@ def test_self_test_is_fast_and_picks_a_rule():
     rep = ops.self_test()
     assert rep["norms_invariant"] and rep["min_rows"] >= 1
     assert rep["seconds"] < 10  # "well under 2 s" on an idle machine; loose bound for a loaded CI box
+
+
+def test_long_sequences_skip_key_blocks_exactly(gguf_dir):
+    """300 tokens: 5 query tiles, 5 key blocks; each tile computes only the blocks its queries can
+    see (a decode step computes all of its own). Whole-prompt, chunked and cached decode agree."""
+    model = load_model(gguf_dir / "llama-tiny-f32.gguf")
+    t = toks(300, 6)
+    c = Context(model, n_ctx=512)
+    c.decode(Batch(t, output=[True] * 300))
+    ref = c.get_logits()
+    for nub in (64, 100):
+        c = Context(model, n_ctx=512, n_ubatch=nub)
+        c.decode(Batch(t, output=[True] * 300))
+        assert torch.equal(c.get_logits(), ref), f"n_ubatch={nub}"
+    c = Context(model, n_ctx=512)
+    c.decode(Batch(t[:290]))
+    for i, x in enumerate(t[290:]):
+        c.decode(Batch([x]))
+        assert torch.equal(c.logits(-1), ref[290 + i])
+
+
+@pytest.mark.parametrize("backend", ["blas", "onednn", "per-block-scores"])
+def test_fallback_paths_stay_invariant(gguf_dir, backend):
+    """The paths the self-test falls back to on other machines: BLAS sgemm linears with their own
+    padding rule, oneDNN on plain weights, and one score product per key block."""
+    model = load_model(gguf_dir / "llama-tiny-f32.gguf")
+    t = toks(N, 7)
+    ops.self_test()
+    saved = dict(ops._state)
+    try:
+        if backend == "per-block-scores":
+            ops._state["mm_cols"] = False
+        else:
+            rule = next(r for r in ops._LINEAR_RULES if r[0] == backend and r[1] >= 4)  # a safe rule for it
+            ops._state["backend"], ops._state["min_rows"], ops._state["multiple"] = rule
+        ref = alone(model, t)
+        for nub in (1, 7):
+            assert torch.equal(alone(model, t, nub), ref), f"{backend} n_ubatch={nub}"
+    finally:
+        ops._state.update(saved)
+
+
+def test_ggml_numerics_keeps_invariance(gguf_dir):
+    """Activation rounding per row and block depends on the row alone."""
+    from gguf_runtime import ggml_numerics
+
+    model = load_model(gguf_dir / "llama-tiny-Q4_K_M.gguf")
+    t = toks(N, 8)
+    ggml_numerics.set_enabled(True)
+    try:
+        ref = alone(model, t)
+        for nub in (1, 7):
+            assert torch.equal(alone(model, t, nub), ref)
+    finally:
+        ggml_numerics.set_enabled(False)
+    assert not torch.equal(alone(model, t), ref)  # and it does change the numbers

@@ -112,6 +112,7 @@ def test_cli_lines(gguf_dir, wikitext, tmp_path, tiny):
     (["--kl-divergence"], "needs --kl-divergence-base"),
     (["--hellaswag"], "needs -f"),
     (["-c", "128", "--chunks", "2", "--kl-divergence-base", "/nonexistent/dir/base.kld"], "cannot write logits file"),
+    (["-ctk", "q4_0"], "unknown -ctk 'q4_0'"),
 ])
 def test_cli_errors(gguf_dir, args, msg):
     p = _cli("-m", str(gguf_dir / "llama-tiny-f32.gguf"), *args, timeout=120)
@@ -128,3 +129,18 @@ def test_cli_default_runs_smollm2_on_bundled_text(smollm2):
     first, last = p.stdout.splitlines()[0], p.stdout.splitlines()[-1]
     m = re.fullmatch(r"\[1\][\d.]+,\[2\]([\d.]+),", first)
     assert m and last.startswith(f"Final estimate: PPL = {m.group(1)} +/- ")
+
+
+def test_cli_ggml_numerics_and_cache_types(gguf_dir, wikitext, tmp_path):
+    """--ggml-numerics rounds as llama.cpp does (changes a quantized model's PPL a little); an f16 KV
+    cache alone moves it less; both report what they do."""
+    text = tmp_path / "wiki.txt"
+    text.write_bytes(wikitext.read_bytes()[:40_000])
+    args = ("-m", str(gguf_dir / "llama-tiny-Q4_K_M.gguf"), "-f", str(text), "-c", "128", "--chunks", "4", "--no-progress")
+    runs = {k: _cli(*args, *extra) for k, extra in {"plain": (), "f16kv": ("-ctk", "f16", "-ctv", "f16"),
+                                                    "ggml": ("--ggml-numerics",)}.items()}
+    assert all(p.returncode == 0 for p in runs.values()), [p.stderr for p in runs.values()]
+    ppl = {k: float(re.search(r"PPL = ([\d.]+)", p.stdout).group(1)) for k, p in runs.items()}
+    assert "ggml numerics: activations rounded" in runs["ggml"].stderr
+    assert ppl["ggml"] != ppl["plain"] and ppl["ggml"] == pytest.approx(ppl["plain"], rel=2e-3)
+    assert ppl["f16kv"] == pytest.approx(ppl["plain"], rel=2e-4)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .. import ops
+from .. import ggml_numerics, ops
 from ..memory.kv_cache import KVCache, KVView
 from ..reader import GGUFFile
 from . import build
@@ -133,6 +133,7 @@ class Model(nn.Module):
         self.norm = nn.Parameter(torch.empty(args.n_embd), requires_grad=False)
         self.lm_head = nn.Parameter(torch.empty(args.n_vocab, args.n_embd), requires_grad=False)
         self.rope_inv, self.rope_mscale = ops.rope_freqs(args.rope_dim, args.rope_base, args.rope_scaling)
+        self.rope_ggml = None  # (base, freq_scale) for ggml_numerics, set by from_gguf
         self.freq_factors = None
 
     # -- weights ---------------------------------------------------------------------------------
@@ -167,6 +168,9 @@ class Model(nn.Module):
         args = ModelArgs.from_gguf(f)
         model, weights = build(cls, args, f, device, dtype)
         inv, model.rope_mscale = ops.rope_freqs(args.rope_dim, args.rope_base, args.rope_scaling)
+        kind = (args.rope_scaling or {}).get("type", "none")  # ggml's angle recurrence, for ggml_numerics
+        model.rope_ggml = {"none": (args.rope_base, 1.0), None: (args.rope_base, 1.0)}.get(kind) or (
+            (args.rope_base, 1.0 / args.rope_scaling["factor"]) if kind == "linear" else None)
         model.rope_inv = inv.to(model.device)
         freq = weights.get("freq_factors")
         model.freq_factors = None if freq is None else freq.float()
@@ -178,6 +182,8 @@ class Model(nn.Module):
         dtypes, as ``-ctk``/``-ctv`` set them) say otherwise."""
         a = self.args
         tk, tv = getattr(self, "cache_types", (None, None))
+        if ggml_numerics.is_enabled():  # llama.cpp's default -ctk/-ctv f16
+            tk, tv = tk or torch.float16, tv or torch.float16
         return KVCache(a.n_layer, n_ctx, n_seq_max, a.n_head_kv, a.head_dim, dtype=dtype or tk or self.dtype,
                        dtype_v=dtype or tv or self.dtype, device=self.device)
 
@@ -195,7 +201,8 @@ class Model(nn.Module):
     # -- compute ---------------------------------------------------------------------------------
     def forward(self, ub, view: KVView) -> torch.Tensor:
         x = self.tok_embd[ub.tokens.to(self.device)]
-        rope = lambda t, p: ops.rope(t, p, self.rope_inv, self.args.rope_neox, self.freq_factors, self.rope_mscale)  # noqa: E731
+        rope = lambda t, p: ops.rope(t, p, self.rope_inv, self.args.rope_neox, self.freq_factors, self.rope_mscale,  # noqa: E731
+                                     self.rope_ggml)
         for i, layer in enumerate(self.layers):
             x = layer(x, ub.pos, i, view, rope)
         return ops.rms_norm(x, self.norm, self.args.rms_eps)
