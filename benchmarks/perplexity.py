@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from gguf_runtime import fixtures
+from gguf_runtime import fixtures, ops
+from gguf_runtime.device import keep_host_memory
 from gguf_runtime.models import load_model
 from gguf_runtime.perplexity import perplexity, token_nll
 from gguf_runtime.reader import GGUFFile
@@ -73,6 +74,7 @@ def main() -> None:
     ap.add_argument("--llama-cpp", default=None, help="path to llama-perplexity, to time it on the same input")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    keep_host_memory()
     shared = fixtures.shared_dir()
     path = shared / "models" / "gguf" / "llama-tiny-f32.gguf"
     text = (shared / "data" / "wikitext-2-test.txt").read_bytes()[:200_000]
@@ -84,11 +86,16 @@ def main() -> None:
     model = load_model(path, device=a.device)
     perplexity(model, tokens, n_ctx, n_chunks=2, bos=tok.bos_id)  # warm-up (matmul self-test)
     r = perplexity(model, tokens, n_ctx, n_batch, n_chunks=n_chunks, bos=tok.bos_id)
+    ops.set_invariant(False)
+    perplexity(model, tokens, n_ctx, n_chunks=2, bos=tok.bos_id)
+    rf = perplexity(model, tokens, n_ctx, n_batch, n_chunks=n_chunks, bos=tok.bos_id)
+    ops.set_invariant(True)
     hf_ppl, hf_s = transformers_ppl(path, tokens, n_ctx, n_chunks, tok.bos_id, n_batch // n_ctx)
     n_tok = n_chunks * n_ctx
     print(f"llama-tiny f32, -c {n_ctx}, {n_chunks} chunks ({n_tok} tokens), {a.threads} threads, device {model.device}")
     print(f"{'':14s} {'PPL':>10s} {'tokens/s':>10s}")
     print(f"{'gguf-runtime':14s} {r.ppl:10.4f} {r.tokens_per_s:10.1f}")
+    print(f"{'--no-invariant':14s} {rf.ppl:10.4f} {rf.tokens_per_s:10.1f}")
     print(f"{'transformers':14s} {hf_ppl:10.4f} {n_tok / hf_s:10.1f}")
     if a.llama_cpp:
         lc_ppl, lc_tps = llama_cpp_speed(a.llama_cpp, path, text, n_ctx, n_chunks, a.threads)

@@ -38,6 +38,7 @@ def _onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> 
 
 
 _PACKED = WeakIdKeyDictionary()  # weight -> (version, oneDNN-blocked copy)
+_MASKS = WeakIdKeyDictionary()  # attention mask -> its tile pieces
 
 
 def _packed(w: torch.Tensor) -> torch.Tensor:
@@ -238,13 +239,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
     Invariant mode: keys fall in blocks of ``KV_BLOCK`` aligned to their rank (the KV cache's plan
     already pads each key list to whole blocks with a zero cell; other callers are padded here).
-    Queries are taken in tiles of ``Q_TILE``; a tile computes the scores of the key blocks from the
-    first to the last one any of its queries sees (one product per tile when the self-test found
-    score columns invariant, else one per block), the exact row max, ``exp`` lane-wise, and per
-    block the row sums and ``p @ V`` with a fixed 64-long reduction; the per-block partials are then
-    added in block order. A block a query cannot see contributes exact zeros to its sums, so which
-    blocks a tile computes, which queries share it and how many keys follow change no bit of a
-    query's result. The ``g`` query heads sharing a KV head are stacked as rows of one product
+    Queries are taken in tiles of ``Q_TILE``; a tile computes the scores of key blocks 0 to the last
+    one any of its queries sees (one product per tile when the self-test found score columns
+    invariant, else one per block), the exact row max, ``exp`` lane-wise, and per block the row sums
+    and ``p @ V`` with a fixed 64-long reduction; the per-block partials are then added as a
+    zero-padded pairwise tree aligned to block 0. A block a query cannot see contributes exact
+    zeros to its sums, so how many blocks a tile computes, which queries share it and how many keys
+    follow change no bit of a query's result. The ``g`` query heads sharing a KV head are stacked as rows of one product
     (no K/V copies for grouped-query attention), and the row count is padded as a whole.
     """
     if q.dim() == 3:
@@ -268,14 +269,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         self_test()
     KV = KV_BLOCK
     nb = max(1, -(-nkv // KV))
+    derived = _MASKS.get(mask)  # the layers of a ubatch share one mask: derive its pieces once
+    if derived is None:
+        derived = _MASKS[mask] = {}
     if nb * KV != nkv:
         k, v, mask = _pad_dim(k, nb * KV, 2), _pad_dim(v, nb * KV, 2), _pad_dim(mask, nb * KV, 2)
     k, v = k.contiguous(), v.contiguous()  # one copy; the products then read K transposed in place
     kT = k.transpose(-1, -2)  # (B, hkv, d, n_kv)
     vb = v.view(B, hkv, nb, KV, dv)
     if nq > Q_TILE:  # (nq, nb): the blocks each query sees something in
-        vis = mask.view(B, nq, nb, KV).any(-1)
-        vis = vis.any(0) if B > 1 else vis[0]
+        vis = derived.get("vis")
+        if vis is None:
+            vis = mask.view(B, nq, nb, KV).any(-1)
+            vis = derived["vis"] = vis.any(0) if B > 1 else vis[0]
     cols = _state["mm_cols"]
     qg = q.view(B, hkv, g, nq, d)
     out = torch.empty(B, hkv, g, nq, dv, dtype=torch.float32, device=q.device) if nq > Q_TILE else None
@@ -291,7 +297,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             if not seen:  # no visible key (cannot happen for a causal query, which sees itself)
                 out[:, :, :, t0:t1] = 0
                 continue
-            lo, hi = seen[0], seen[-1] + 1
+            lo, hi = 0, seen[-1] + 1  # from block 0: the cross-block sum is a tree aligned to it
         nbt = hi - lo
         qt = _pad_dim(qg[:, :, :, t0:t1].reshape(B, hkv, r, d), m, 2)
         if cols:  # one product for all the tile's blocks: (B, hkv, m, nbt*KV)
@@ -303,25 +309,45 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         s.mul_(scale)
         if softcap:
             s = torch.tanh(s / softcap) * softcap
-        mt = mask[:, t0:t1, lo * KV:hi * KV]  # (B, nt, nbt*KV)
-        mt = _pad_dim(mt.repeat(1, g, 1) if g > 1 else mt, m, 1)  # (B, m, nbt*KV), rows as in qt
-        s.masked_fill_(~mt[:, None], float("-inf"))
+        hidden = derived.get((t0, hi, g, m))
+        if hidden is None:
+            mt = mask[:, t0:t1, lo * KV:hi * KV]  # (B, nt, nbt*KV)
+            mt = _pad_dim(mt.repeat(1, g, 1) if g > 1 else mt, m, 1)  # (B, m, nbt*KV), rows as in qt
+            hidden = derived[(t0, hi, g, m)] = ~mt[:, None]
+        s.masked_fill_(hidden, float("-inf"))
         mx = s.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)  # exact: order-free
-        p = _exp_(s.sub_(mx)).view(B, hkv, m, nbt, KV)
+        # exp of anything that underflows (x < -87.3, -inf included) takes a slow path on x86
+        # (5-20x), so exponentiate max(x, -80) and zero what was below: masked keys stay exact
+        # zeros, and terms < 1.8e-35 against a row sum >= 1 (the max key gives exp(0)) are flushed
+        s.sub_(mx)
+        keep = s > -80.0
+        p = _exp_(s.clamp_(min=-80.0)).mul_(keep).view(B, hkv, m, nbt, KV)
         l_b = p.sum(-1)  # (B, hkv, m, nbt): fixed-length row sums
         o_b = torch.matmul(p.transpose(2, 3).to(v.dtype), vb[:, :, lo:hi])  # (B, hkv, nbt, m, dv)
         o_b = o_b.float() if o_b.dtype != torch.float32 else o_b
-        l_sum, o_sum = l_b[..., 0], o_b[:, :, 0]
-        if nbt > 1:
-            l_sum, o_sum = l_sum.clone(), o_sum.clone()
-            for b in range(1, nbt):  # fixed order across blocks
-                l_sum.add_(l_b[..., b])
-                o_sum.add_(o_b[:, :, b])
+        l_sum, o_sum = _tree_sum(l_b, -1), _tree_sum(o_b, 2)
         o = (o_sum / l_sum.clamp_min(1e-30).unsqueeze(-1))[:, :, :r].view(B, hkv, g, nt, dv)
         if out is None:
             return o.reshape(B, h, nq, dv).transpose(1, 2).to(out_dtype)
         out[:, :, :, t0:t1] = o
     return out.view(B, h, nq, dv).transpose(1, 2).to(out_dtype)
+
+
+def _tree_sum(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum over the key-block axis ``dim`` as a pairwise tree over a power-of-two number of blocks,
+    zero-padded, aligned to block 0: for a query whose visible blocks end at ``j``, the blocks past
+    ``j`` are exact zeros, and a tree over 2P leaves is the tree over P plus an all-zero subtree, so
+    the result is the same for any number of trailing blocks — in log2 steps instead of one add per
+    block."""
+    n = t.shape[dim]
+    if n == 1:
+        return t.squeeze(dim)
+    p2 = 1 << (n - 1).bit_length()
+    t = _pad_dim(t, p2, dim)
+    d = dim % t.dim()
+    while t.shape[d] > 1:
+        t = t.unflatten(d, (-1, 2)).sum(d + 1)
+    return t.squeeze(d)
 
 
 def log_softmax(x: torch.Tensor) -> torch.Tensor:

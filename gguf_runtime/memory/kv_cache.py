@@ -30,29 +30,47 @@ class AttnGroup:
 
 
 @dataclass
+class AttnBatch:
+    """Equal-shaped groups computed in one attention call, stacked once per ubatch (every layer
+    reuses them)."""
+    n: int  # groups
+    q_idx: torch.Tensor  # (n * n_q,) ubatch rows, group by group
+    cells: torch.Tensor  # (n * n_kv,) cache cells, group by group
+    mask: torch.Tensor  # (n, n_q, n_kv)
+    mask_swa: torch.Tensor | None
+
+
+@dataclass
 class KVView:
     slots: torch.Tensor  # (n_tokens,) cells the ubatch writes
     groups: list[AttnGroup]
     cache: "KVCache"
+    _batches: list[AttnBatch] | None = None
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         kc[self.slots.to(kc.device)] = k.to(kc.dtype)
         vc[self.slots.to(vc.device)] = v.to(vc.dtype)
 
-    def batches(self) -> list[list[AttnGroup]]:
+    def batches(self, device=None) -> list[AttnBatch]:
         """The groups, bunched by (n_q, n_kv) so equal shapes are computed in one call."""
-        by: dict[tuple[int, int], list[AttnGroup]] = {}
-        for g in self.groups:
-            by.setdefault((len(g.q_idx), len(g.cells)), []).append(g)
-        return list(by.values())
+        if self._batches is None:
+            dev = device if device is not None else self.cache.k[0].device
+            by: dict[tuple[int, int], list[AttnGroup]] = {}
+            for g in self.groups:
+                by.setdefault((len(g.q_idx), len(g.cells)), []).append(g)
+            self._batches = [AttnBatch(len(gs), torch.cat([g.q_idx for g in gs]).to(dev), torch.cat([g.cells for g in gs]).to(dev),
+                                       torch.stack([g.mask for g in gs]).to(dev),
+                                       None if gs[0].mask_swa is None else torch.stack([g.mask_swa for g in gs]).to(dev))
+                             for gs in by.values()]
+        return self._batches
 
-    def kv(self, layer: int, gs: list[AttnGroup]) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of equal-shaped groups, (n_groups, n_kv, n_head_kv, d), one gather each."""
+    def kv(self, layer: int, b: AttnBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of a batch of groups, (n_groups, n_kv, n_head_kv, d), one gather each
+        (``index_select``: ~6x faster than advanced indexing)."""
         kc, vc = self.cache.k[layer], self.cache.v[layer]
-        c = torch.cat([g.cells for g in gs]).to(kc.device)
-        shape = (len(gs), -1) + tuple(kc.shape[1:])
-        return kc.index_select(0, c).view(shape), vc.index_select(0, c).view(shape[:2] + tuple(vc.shape[1:]))  # index_select: ~6x faster than kc[c]
+        return (kc.index_select(0, b.cells).view((b.n, -1) + tuple(kc.shape[1:])),
+                vc.index_select(0, b.cells).view((b.n, -1) + tuple(vc.shape[1:])))
 
 
 class KVCache(Memory):

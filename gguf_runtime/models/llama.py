@@ -88,13 +88,11 @@ class Attention(nn.Module):
         q, k = rope(q, pos), rope(k, pos)
         view.store(layer, k, v)
         out = q.new_empty(n, a.n_head, a.head_dim)
-        for gs in view.batches():  # groups of equal shape, computed together
-            kk, vv = view.kv(layer, gs)
-            qi = torch.cat([g.q_idx for g in gs]).to(x.device)
-            qq = q.index_select(0, qi).view(len(gs), -1, a.n_head, a.head_dim).transpose(1, 2)
+        for b in view.batches(x.device):  # groups of equal shape, computed together
+            kk, vv = view.kv(layer, b)
+            qq = q.index_select(0, b.q_idx).view(b.n, -1, a.n_head, a.head_dim).transpose(1, 2)
             kk, vv = kk.transpose(1, 2).to(q.dtype), vv.transpose(1, 2).to(q.dtype)
-            mask = torch.stack([g.mask for g in gs]).to(x.device)
-            out.index_copy_(0, qi, ops.attention(qq, kk, vv, mask, self.scale).reshape(-1, a.n_head, a.head_dim))
+            out.index_copy_(0, b.q_idx, ops.attention(qq, kk, vv, b.mask, self.scale).reshape(-1, a.n_head, a.head_dim))
         return ops.linear(out.reshape(n, -1), self.wo)
 
 
