@@ -23,8 +23,10 @@ def _root(
                                    help="batch-invariant numerics (default); --no-invariant trades them for raw speed"),
 ) -> None:
     from gguf_runtime import ops
+    from gguf_runtime.device import keep_host_memory
 
     ops.set_invariant(invariant)
+    keep_host_memory()  # reuse freed activation memory instead of page-faulting fresh maps
 
 
 # (module under gguf_runtime.cli, command name). A module exposes `command(...)`.

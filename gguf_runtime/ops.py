@@ -334,19 +334,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 
 def _tree_sum(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sum over the key-block axis ``dim`` as a pairwise tree over a power-of-two number of blocks,
-    zero-padded, aligned to block 0: for a query whose visible blocks end at ``j``, the blocks past
-    ``j`` are exact zeros, and a tree over 2P leaves is the tree over P plus an all-zero subtree, so
-    the result is the same for any number of trailing blocks — in log2 steps instead of one add per
-    block."""
-    n = t.shape[dim]
-    if n == 1:
-        return t.squeeze(dim)
-    p2 = 1 << (n - 1).bit_length()
-    t = _pad_dim(t, p2, dim)
+    """Sum over the key-block axis ``dim`` as a pairwise tree aligned to block 0 — (0+1), (2+3), ...
+    level by level, an odd last element passing up unchanged (as if added to a zero block). For a
+    query whose visible blocks end at ``j`` every block past ``j`` is exact zeros, and so is every
+    tree node above only such blocks; the result is therefore the same for any number of trailing
+    blocks, in log2 steps instead of one add per block."""
     d = dim % t.dim()
     while t.shape[d] > 1:
-        t = t.unflatten(d, (-1, 2)).sum(d + 1)
+        n = t.shape[d]
+        half = n // 2
+        even, odd = t.narrow(d, 0, 2 * half).unflatten(d, (half, 2)).unbind(d + 1)
+        if n % 2:
+            shape = list(t.shape)
+            shape[d] = half + 1
+            nxt = t.new_empty(shape)
+            torch.add(even, odd, out=nxt.narrow(d, 0, half))
+            nxt.narrow(d, half, 1).copy_(t.narrow(d, n - 1, 1))
+            t = nxt
+        else:
+            t = even + odd
     return t.squeeze(d)
 
 
