@@ -2,16 +2,17 @@
 
 Every model computes through these. In invariant mode (the default):
 
-- ``linear`` pads the row count up to a tile the BLAS treats uniformly. MKL's sgemm, for instance,
-  takes a gemv-like path for 1-3 rows (and for some small counts with 2 threads) whose summation
-  order differs from the large-M kernel; from the tile up, each row is computed the same way at any
-  offset. The padding rule is chosen per machine by :func:`self_test` (well under 2 s).
+- ``linear`` runs on the backend :func:`self_test` picks (oneDNN's inner product on weights reordered
+  once, else on plain weights, else the BLAS sgemm) and pads the row count up to the tile from which
+  that backend computes every row the same way at any offset (oneDNN: 2 rows, and 1 where a
+  per-shape test allows; MKL's sgemm: 4, its 1-3 row path sums in another order).
 - ``attention`` gathers each sequence's keys in position order and works on fixed key blocks of
   ``KV_BLOCK`` (aligned to the key's rank in its sequence), with a float32 softmax whose
-  cross-block sums run in a fixed order, so a query's result depends only on its own visible keys.
+  cross-block sums run in a fixed tree, so a query's result depends only on its own visible keys.
 - norms and softmaxes reduce along a row only.
 
-``set_invariant(False)`` turns padding off for raw speed.
+``set_invariant(False)`` keeps the backend and drops padding and the fixed-block attention.
+``ggml_numerics`` (opt-in) rounds activations as llama.cpp's CPU backend does, inside ``linear``.
 """
 from __future__ import annotations
 
@@ -226,6 +227,7 @@ def exp(x: torch.Tensor) -> torch.Tensor:
     return _lanewise(torch.exp, x)
 
 
+_EXP_FLOOR = float(torch.tensor(-80.0).exp()) * 1.0001  # just above exp(-80) in float32
 Q_TILE = 64  # queries per tile: a tile computes only the key blocks some of its queries can see
 
 
@@ -299,7 +301,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
                 continue
             lo, hi = 0, seen[-1] + 1  # from block 0: the cross-block sum is a tree aligned to it
         nbt = hi - lo
-        qt = _pad_dim(qg[:, :, :, t0:t1].reshape(B, hkv, r, d), m, 2)
+        if m == r:
+            qt = qg[:, :, :, t0:t1].reshape(B, hkv, r, d)
+        else:  # one zeroed buffer and one copy (not reshape-copy, then concatenate)
+            qt = q.new_zeros(B, hkv, m, d)
+            qt[:, :, :r].view(B, hkv, g, nt, d).copy_(qg[:, :, :, t0:t1])
         if cols:  # one product for all the tile's blocks: (B, hkv, m, nbt*KV)
             s = torch.matmul(qt, kT[..., lo * KV:hi * KV])
         else:  # one fixed-shape product per block
@@ -317,11 +323,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         s.masked_fill_(hidden, float("-inf"))
         mx = s.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)  # exact: order-free
         # exp of anything that underflows (x < -87.3, -inf included) takes a slow path on x86
-        # (5-20x), so exponentiate max(x, -80) and zero what was below: masked keys stay exact
-        # zeros, and terms < 1.8e-35 against a row sum >= 1 (the max key gives exp(0)) are flushed
-        s.sub_(mx)
-        keep = s > -80.0
-        p = _exp_(s.clamp_(min=-80.0)).mul_(keep).view(B, hkv, m, nbt, KV)
+        # (5-20x), so exponentiate max(x, -80) and zero every result <= exp(-80): masked keys stay
+        # exact zeros, and terms < 1.9e-35 against a row sum >= 1 (the max key gives exp(0)) are flushed
+        p = F.threshold_(_exp_(s.sub_(mx).clamp_(min=-80.0)), _EXP_FLOOR, 0.0).view(B, hkv, m, nbt, KV)
         l_b = p.sum(-1)  # (B, hkv, m, nbt): fixed-length row sums
         o_b = torch.matmul(p.transpose(2, 3).to(v.dtype), vb[:, :, lo:hi])  # (B, hkv, nbt, m, dv)
         o_b = o_b.float() if o_b.dtype != torch.float32 else o_b
