@@ -347,6 +347,9 @@ def _tree_sum(t: torch.Tensor, dim: int) -> torch.Tensor:
     while t.shape[d] > 1:
         n = t.shape[d]
         half = n // 2
+        if n % 2 == 0 or t.numel() < 65536:  # pairs summed in one kernel (a small tensor padded with a zero block)
+            t = _pad_dim(t, n + n % 2, d).unflatten(d, (-1, 2)).sum(d + 1)
+            continue
         even, odd = t.narrow(d, 0, 2 * half).unflatten(d, (half, 2)).unbind(d + 1)
         if n % 2:
             shape = list(t.shape)

@@ -1,7 +1,7 @@
 """The attention KV cache (llama.cpp's llama_kv_cache), behind the :class:`Memory` interface.
 
 Cells hold a position and a set of sequences (a bool row per cell); K and V live in one tensor per
-layer, ``(n_cells, n_head_kv, head_dim)``. A ubatch takes free cells; ``apply`` returns a
+layer, ``(n_head_kv, n_cells + 1, head_dim)`` (the extra cell stays zero: attention plans pad with it). A ubatch takes free cells; ``apply`` returns a
 :class:`KVView` whose attention plan groups the ubatch's queries by their primary sequence and lists
 that sequence's visible cells **in position order**, so attention never depends on where cells sit.
 
@@ -49,8 +49,8 @@ class KVView:
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         kc, vc = self.cache.k[layer], self.cache.v[layer]
-        kc[self.slots.to(kc.device)] = k.to(kc.dtype)
-        vc[self.slots.to(vc.device)] = v.to(vc.dtype)
+        kc[:, self.slots.to(kc.device)] = k.transpose(0, 1).to(kc.dtype)
+        vc[:, self.slots.to(vc.device)] = v.transpose(0, 1).to(vc.dtype)
 
     def batches(self, device=None) -> list[AttnBatch]:
         """The groups, bunched by (n_q, n_kv) so equal shapes are computed in one call."""
@@ -66,11 +66,12 @@ class KVView:
         return self._batches
 
     def kv(self, layer: int, b: AttnBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of a batch of groups, (n_groups, n_kv, n_head_kv, d), one gather each
-        (``index_select``: ~6x faster than advanced indexing)."""
+        """K and V of a batch of groups, (n_groups, n_head_kv, n_kv, d) views, one gather each
+        (``index_select``: ~6x faster than advanced indexing); contiguous for a single group."""
         kc, vc = self.cache.k[layer], self.cache.v[layer]
-        return (kc.index_select(0, b.cells).view((b.n, -1) + tuple(kc.shape[1:])),
-                vc.index_select(0, b.cells).view((b.n, -1) + tuple(vc.shape[1:])))
+        k = kc.index_select(1, b.cells).view(kc.shape[0], b.n, -1, kc.shape[2]).transpose(0, 1)
+        v = vc.index_select(1, b.cells).view(vc.shape[0], b.n, -1, vc.shape[2]).transpose(0, 1)
+        return k, v
 
 
 class KVCache(Memory):
@@ -84,8 +85,10 @@ class KVCache(Memory):
         dv = head_dim_v or head_dim_k
         # one row past the cells stays zero: attention plans pad each sequence's key list with it up
         # to a whole key block (masked, so it contributes exact zeros), instead of copying K/V to pad
-        self.k = [torch.zeros(n_ctx + 1, hkv[i], head_dim_k, dtype=dtype, device=device) for i in range(n_layer)]
-        self.v = [torch.zeros(n_ctx + 1, hkv[i], dv, dtype=dtype_v or dtype, device=device) for i in range(n_layer)]
+        # head-major (n_head_kv, cells, d): a gather of one sequence's cells is already in the
+        # (head, key, dim) layout attention multiplies with, no transposing copy
+        self.k = [torch.zeros(hkv[i], n_ctx + 1, head_dim_k, dtype=dtype, device=device) for i in range(n_layer)]
+        self.v = [torch.zeros(hkv[i], n_ctx + 1, dv, dtype=dtype_v or dtype, device=device) for i in range(n_layer)]
         self.pos = torch.full((n_ctx,), -1, dtype=torch.long)
         self.seq = torch.zeros(n_ctx, n_seq_max, dtype=torch.bool)
         self.shift = torch.zeros(n_ctx, dtype=torch.long)

@@ -91,7 +91,7 @@ class Attention(nn.Module):
         for b in view.batches(x.device):  # groups of equal shape, computed together
             kk, vv = view.kv(layer, b)
             qq = q.index_select(0, b.q_idx).view(b.n, -1, a.n_head, a.head_dim).transpose(1, 2)
-            kk, vv = kk.transpose(1, 2).to(q.dtype), vv.transpose(1, 2).to(q.dtype)
+            kk, vv = kk.to(q.dtype), vv.to(q.dtype)
             out.index_copy_(0, b.q_idx, ops.attention(qq, kk, vv, b.mask, self.scale).reshape(-1, a.n_head, a.head_dim))
         return ops.linear(out.reshape(n, -1), self.wo)
 
@@ -192,9 +192,10 @@ class Model(nn.Module):
             return
         c = cells.to(self.device)
         for layer in range(self.args.n_layer):
-            k = cache.k[layer][c]
+            k = cache.k[layer][:, c].transpose(0, 1)  # (cells, heads, d)
             # a rotation by the delta; the magnitude scale was applied when the key was stored
-            cache.k[layer][c] = ops.rope(k.to(self.dtype), deltas, self.rope_inv, self.args.rope_neox, self.freq_factors).to(k.dtype)
+            r = ops.rope(k.to(self.dtype), deltas, self.rope_inv, self.args.rope_neox, self.freq_factors)
+            cache.k[layer][:, c] = r.transpose(0, 1).to(k.dtype)
 
     # -- compute ---------------------------------------------------------------------------------
     def forward(self, ub, view: KVView) -> torch.Tensor:
