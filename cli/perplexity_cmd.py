@@ -119,8 +119,7 @@ def command(
     tok = Tokenizer.from_gguf(f)
     m = load_model(f, device=device, dtype=dt)
     if any(cache_types):
-        if not hasattr(m, "cache_types"):
-            m.cache_types = tuple(cache_types)
+        m.cache_types = tuple(cache_types)
         if f.arch != "llama":
             _info(f"-ctk/-ctv: {f.arch} has no KV cache; ignored")
     if ggml_numerics:

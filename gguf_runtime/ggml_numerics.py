@@ -15,7 +15,7 @@ The rounding of each row depends on that row alone, so batch invariance is kept.
 ggml's rules (ggml-cpu's ``type_traits_cpu[...].vec_dot_type`` and its x86 quantizers):
 
 - Q8_0 (Q4_0, Q5_0, Q8_0, IQ4_NL, MXFP4, NVFP4 weights): blocks of 32; ``d = amax / 127`` stored as
-  f16, ``q = roundf(x * (1 / d))``.
+  f16, ``q = round_half_even(x * (127 / amax))``.
 - Q8_1 (Q4_1, Q5_1): as Q8_0, plus the block sum ``s = f16(d * sum(q))`` that multiplies the weight
   block's min; we apply the min term with ``s`` as ggml rounds it.
 - Q8_K (K-quants, IQ2/IQ3/IQ1/IQ4_XS, TQ): blocks of 256; ``max`` = the value of largest magnitude
@@ -56,17 +56,13 @@ def vec_dot_type(ggml_type: str | None) -> str | None:
     return None
 
 
-def _round_away(v: torch.Tensor) -> torch.Tensor:
-    """C's ``roundf``: halves away from zero (torch.round goes to even)."""
-    return torch.sign(v) * torch.floor(v.abs() + 0.5)
-
-
 def quantize_q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ggml's ``quantize_row_q8_0_ref``/``q8_1_ref`` on rows of ``x`` (..., K), K % 32 == 0: the
+    """ggml-cpu's x86 ``quantize_row_q8_0``/``q8_1`` on rows of ``x`` (..., K), K % 32 == 0: the
     integer values ``q`` (..., K/32, 32), the f32 scale ``d`` before its f16 rounding and the f16
-    scale, both (..., K/32, 1). ``id = 1/d`` and ``roundf`` — the reference formulas, which the
-    llama.cpp CPU build measured here uses for activations (its AVX2 variant, ``x * (127/amax)``
-    rounded half to even, disagrees on exact ties; checked against dumped activations)."""
+    scale, both (..., K/32, 1). ``q = round_half_even(x * (127 / amax))`` as its AVX2 code computes
+    it; the reference C (``x * (1/d)``, ``roundf``) differs only on exact ties. On SmolLM2, whose
+    activations hit such ties often, llama.cpp's results follow neither rule consistently (see
+    docs/ggml-numerics.md); this one matched the most of its tie outcomes."""
     xb = x.float().unflatten(-1, (-1, 32))
     amax = xb.abs().amax(-1, keepdim=True)
     d = amax / 127.0

@@ -166,9 +166,9 @@ class Model(nn.Module):
         args = ModelArgs.from_gguf(f)
         model, weights = build(cls, args, f, device, dtype)
         inv, model.rope_mscale = ops.rope_freqs(args.rope_dim, args.rope_base, args.rope_scaling)
-        kind = (args.rope_scaling or {}).get("type", "none")  # ggml's angle recurrence, for ggml_numerics
-        model.rope_ggml = {"none": (args.rope_base, 1.0), None: (args.rope_base, 1.0)}.get(kind) or (
-            (args.rope_base, 1.0 / args.rope_scaling["factor"]) if kind == "linear" else None)
+        kind = (args.rope_scaling or {}).get("type") or "none"  # ggml's angle recurrence, for ggml_numerics
+        scale = {"none": 1.0, "linear": 1.0 / (args.rope_scaling or {}).get("factor", 1.0)}.get(kind)
+        model.rope_ggml = None if scale is None else (args.rope_base, scale)
         model.rope_inv = inv.to(model.device)
         freq = weights.get("freq_factors")
         model.freq_factors = None if freq is None else freq.float()
