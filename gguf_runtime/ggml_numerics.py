@@ -100,11 +100,11 @@ def round_activations(x: torch.Tensor, ggml_type: str | None) -> torch.Tensor:
     return x
 
 
-def q8_1_min_correction(x: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+def q8_1_min_correction(q: torch.Tensor, d: torch.Tensor, d16: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
     """The part of ggml's Q4_1/Q5_1 x Q8_1 product our float product cannot see: ggml multiplies
-    each weight block's min ``m`` by ``s = f16(d * sum(q))``, not by ``f16(d) * sum(q)``. Returns
+    each weight block's min ``m`` by ``s = f16(d * sum(q))``, not by ``f16(d) * sum(q)``. Takes
+    :func:`quantize_q8_0`'s ``q, d, d16`` of the activations and returns
     ``sum_b (s_b - d16_b * sum(q_b)) * m[n, b]`` (..., N) for ``mins`` (N, K/32)."""
-    q, d, d16 = quantize_q8_0(x)
     sq = q.sum(-1, keepdim=True)
     delta = ((d * sq).half().float() - d16 * sq).squeeze(-1)  # (..., K/32)
     return delta @ mins.t()

@@ -118,10 +118,11 @@ def _linear2(x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch
 def _ggml_linear(x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """``linear`` on activations rounded as ggml's CPU backend rounds them for ``w``'s file type."""
     t = w.ggml_type
-    y = _linear2(ggml_numerics.round_activations(x2, t).to(x2.dtype), w, b)
     if ggml_numerics.vec_dot_type(t) == "Q8_1" and x2.shape[-1] % 32 == 0 and hasattr(w, "ggml_source"):
-        y = y + ggml_numerics.q8_1_min_correction(x2, _block_mins(w)).to(y.dtype)
-    return y
+        q, d, d16 = ggml_numerics.quantize_q8_0(x2)  # once, for the product and the min term
+        y = _linear2((q * d16).flatten(-2).to(x2.dtype), w, b)
+        return y + ggml_numerics.q8_1_min_correction(q, d, d16, _block_mins(w)).to(y.dtype)
+    return _linear2(ggml_numerics.round_activations(x2, t).to(x2.dtype), w, b)
 
 
 _MINS = WeakIdKeyDictionary()
@@ -292,34 +293,34 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         nt = t1 - t0
         r = g * nt  # the g query heads of a KV head, stacked as rows: row j * nt + i is head j, query i
         m = padded_rows(r)
+        # blocks 0 .. nbt-1: from block 0, because the cross-block sum is a tree aligned to it
         if out is None:  # a single tile (decode, short prompts): every block, no host sync
-            lo, hi = 0, nb
+            nbt = nb
         else:
             seen = vis[t0:t1].any(0).nonzero().flatten().tolist()
             if not seen:  # no visible key (cannot happen for a causal query, which sees itself)
                 out[:, :, :, t0:t1] = 0
                 continue
-            lo, hi = 0, seen[-1] + 1  # from block 0: the cross-block sum is a tree aligned to it
-        nbt = hi - lo
+            nbt = seen[-1] + 1
         if m == r:
             qt = qg[:, :, :, t0:t1].reshape(B, hkv, r, d)
         else:  # one zeroed buffer and one copy (not reshape-copy, then concatenate)
             qt = q.new_zeros(B, hkv, m, d)
             qt[:, :, :r].view(B, hkv, g, nt, d).copy_(qg[:, :, :, t0:t1])
         if cols:  # one product for all the tile's blocks: (B, hkv, m, nbt*KV)
-            s = torch.matmul(qt, kT[..., lo * KV:hi * KV])
+            s = torch.matmul(qt, kT[..., :nbt * KV])
         else:  # one fixed-shape product per block
-            s = torch.matmul(qt.unsqueeze(2), kT[..., lo * KV:hi * KV].unflatten(-1, (nbt, KV)).transpose(2, 3)
+            s = torch.matmul(qt.unsqueeze(2), kT[..., :nbt * KV].unflatten(-1, (nbt, KV)).transpose(2, 3)
                              ).transpose(2, 3).reshape(B, hkv, m, nbt * KV)
         s = s.float() if s.dtype != torch.float32 else s
         s.mul_(scale)
         if softcap:
             s = torch.tanh(s / softcap) * softcap
-        hidden = derived.get((t0, hi, g, m))
+        hidden = derived.get((t0, nbt, g, m))
         if hidden is None:
-            mt = mask[:, t0:t1, lo * KV:hi * KV]  # (B, nt, nbt*KV)
+            mt = mask[:, t0:t1, :nbt * KV]  # (B, nt, nbt*KV)
             mt = _pad_dim(mt.repeat(1, g, 1) if g > 1 else mt, m, 1)  # (B, m, nbt*KV), rows as in qt
-            hidden = derived[(t0, hi, g, m)] = ~mt[:, None]
+            hidden = derived[(t0, nbt, g, m)] = ~mt[:, None]
         s.masked_fill_(hidden, float("-inf"))
         mx = s.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)  # exact: order-free
         # exp of anything that underflows (x < -87.3, -inf included) takes a slow path on x86
@@ -327,7 +328,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         # exact zeros, and terms < 1.9e-35 against a row sum >= 1 (the max key gives exp(0)) are flushed
         p = F.threshold_(_exp_(s.sub_(mx).clamp_(min=-80.0)), _EXP_FLOOR, 0.0).view(B, hkv, m, nbt, KV)
         l_b = p.sum(-1)  # (B, hkv, m, nbt): fixed-length row sums
-        o_b = torch.matmul(p.transpose(2, 3).to(v.dtype), vb[:, :, lo:hi])  # (B, hkv, nbt, m, dv)
+        o_b = torch.matmul(p.transpose(2, 3).to(v.dtype), vb[:, :, :nbt])  # (B, hkv, nbt, m, dv)
         o_b = o_b.float() if o_b.dtype != torch.float32 else o_b
         l_sum, o_sum = _tree_sum(l_b, -1), _tree_sum(o_b, 2)
         o = (o_sum / l_sum.clamp_min(1e-30).unsqueeze(-1))[:, :, :r].view(B, hkv, g, nt, dv)
