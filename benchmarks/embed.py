@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from gguf_runtime import fixtures, ops
+from gguf_runtime import fixtures, numerics
 from gguf_runtime.convert.hf import convert
 from gguf_runtime.embedding import Embedder
 from gguf_runtime.models import load_model
@@ -63,7 +63,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.no_invariant:
-        ops.set_invariant(False)
+        numerics.enter(numerics.Numerics(invariant=False))
     dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     data = texts(a.n)
 

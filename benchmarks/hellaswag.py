@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from gguf_runtime import fixtures, tasks
+from gguf_runtime import fixtures
+from gguf_runtime.tools import tasks
 from gguf_runtime.models import load_model
-from gguf_runtime.reader import GGUFFile
+from gguf_runtime.gguf.reader import GGUFFile
 from gguf_runtime.tokenizer import Tokenizer
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from gguf_runtime import fixtures, ops
+from gguf_runtime import fixtures, numerics
+from gguf_runtime.kernels import calibrate
 from gguf_runtime.batch import Batch
 from gguf_runtime.context import Context
 from gguf_runtime.device import keep_host_memory
@@ -61,14 +62,13 @@ def bench(model, reps, n_vocab):
     samples = {(w, mode): [] for w in work for mode in (True, False)}
     for w, fn in work.items():
         for mode in (True, False):  # warm-up
-            ops.set_invariant(mode)
-            fn()
+            with numerics.use(numerics.Numerics(invariant=mode)):
+                fn()
         for _ in range(reps):
             for mode in (True, False):
-                ops.set_invariant(mode)
-                samples[(w, mode)].append(fn())
+                with numerics.use(numerics.Numerics(invariant=mode)):
+                    samples[(w, mode)].append(fn())
     out = {k: min(v) for k, v in samples.items()}  # best of reps: interference only ever adds time
-    ops.set_invariant(True)
     return out
 
 
@@ -92,7 +92,7 @@ def main():
     except fixtures.FixtureUnavailable as e:
         print(f"(skipping SmolLM2: {e})")
     print(f"threads={a.threads} device={a.device or 'default'} clock={'thread CPU' if a.cpu_time else 'wall'} "
-          f"self-test={ops.self_test()}")
+          f"self-test={calibrate.report()}")
     print("| model | workload | invariant ms/step | fast ms/step | cost |")
     print("|---|---|---:|---:|---:|")
     for name, path in models:

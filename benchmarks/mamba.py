@@ -24,8 +24,8 @@ import torch
 
 from gguf_runtime import fixtures
 from gguf_runtime.models import load_model
-from gguf_runtime.perplexity import perplexity, token_nll
-from gguf_runtime.reader import GGUFFile
+from gguf_runtime.tools.perplexity import perplexity, token_nll
+from gguf_runtime.gguf.reader import GGUFFile
 from gguf_runtime.tokenizer import Tokenizer
 
 N_CTX, N_SEQ = 128, 16

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from mamba import N_CTX, N_SEQ, Clock, cli, header, llama_cpp, wiki  # benchmarks/mamba.py: Mamba's harness
 
-from gguf_runtime import fixtures, ops
+from gguf_runtime import fixtures, numerics
 from gguf_runtime.models import load_model
-from gguf_runtime.perplexity import perplexity, token_nll
+from gguf_runtime.tools.perplexity import perplexity, token_nll
 
 
 def transformers_ppl(hf_dir: Path, tokens: torch.Tensor, n_chunks: int, bos: int) -> tuple[float, Clock]:
@@ -52,12 +52,12 @@ def main() -> None:
     model = load_model(path, device=a.device)
     rows = []
     for invariant in (True, False):
-        ops.set_invariant(invariant)
+        numerics.enter(numerics.Numerics(invariant=invariant))
         perplexity(model, tokens, N_CTX, n_chunks=N_SEQ, bos=tok.bos_id)  # warm-up (matmul self-test, workspace)
         with Clock() as clk:
             r = perplexity(model, tokens, N_CTX, N_CTX * N_SEQ, n_chunks=n_chunks, bos=tok.bos_id)
         rows.append(("gguf-runtime" + ("" if invariant else " --no-invariant"), r.ppl, clk))
-    ops.set_invariant(True)
+    numerics.enter(numerics.Numerics())
     hf_ppl, hf = transformers_ppl(fixtures.shared_dir() / "models" / "mamba2-tiny-hf", tokens, n_chunks, tok.bos_id)
     rows.append(("transformers", hf_ppl, hf))
     print(header("mamba2-tiny f32", n_chunks, a.threads, model.device))

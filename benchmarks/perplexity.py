@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from gguf_runtime import fixtures, ops
+from gguf_runtime import fixtures, numerics
 from gguf_runtime.device import keep_host_memory
 from gguf_runtime.models import load_model
-from gguf_runtime.perplexity import perplexity, token_nll
-from gguf_runtime.reader import GGUFFile
+from gguf_runtime.tools.perplexity import perplexity, token_nll
+from gguf_runtime.gguf.reader import GGUFFile
 from gguf_runtime.tokenizer import Tokenizer
 
 
@@ -86,10 +86,10 @@ def main() -> None:
     model = load_model(path, device=a.device)
     perplexity(model, tokens, n_ctx, n_chunks=2, bos=tok.bos_id)  # warm-up (matmul self-test)
     r = perplexity(model, tokens, n_ctx, n_batch, n_chunks=n_chunks, bos=tok.bos_id)
-    ops.set_invariant(False)
+    numerics.enter(numerics.Numerics(invariant=False))
     perplexity(model, tokens, n_ctx, n_chunks=2, bos=tok.bos_id)
     rf = perplexity(model, tokens, n_ctx, n_batch, n_chunks=n_chunks, bos=tok.bos_id)
-    ops.set_invariant(True)
+    numerics.enter(numerics.Numerics())
     hf_ppl, hf_s = transformers_ppl(path, tokens, n_ctx, n_chunks, tok.bos_id, n_batch // n_ctx)
     n_tok = n_chunks * n_ctx
     print(f"llama-tiny f32, -c {n_ctx}, {n_chunks} chunks ({n_tok} tokens), {a.threads} threads, device {model.device}")

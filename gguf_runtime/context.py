@@ -4,27 +4,35 @@
 KV cache takes simple splits, a recurrent memory equal splits), checks that they all fit, then runs
 them one by one. Outputs are stored under their batch index, so ``logits(i)`` and ``get_logits()``
 answer in the user's order whatever the split.
+
+A context computes under its own :class:`~gguf_runtime.numerics.Numerics` (``numerics=``; default
+invariant): every ubatch runs inside ``numerics.use(self.numerics)``, so contexts with different
+numerics can live side by side in one process.
 """
 from __future__ import annotations
 
 import torch
 
+from . import numerics as _numerics
 from .batch import Batch, BatchAllocator
 from .errors import BatchError
 from .models import load_model
+from .models.base import Model
+from .numerics import Numerics
 
 
 class Context:
-    def __init__(self, model, n_ctx: int | None = None, n_batch: int = 2048, n_ubatch: int = 512,
-                 n_seq_max: int = 1, embeddings: bool = False):
+    def __init__(self, model: Model, n_ctx: int | None = None, n_batch: int = 2048, n_ubatch: int = 512,
+                 n_seq_max: int = 1, embeddings: bool = False, numerics: Numerics | None = None):
         a = model.args
         self.model = model
-        self.n_ctx = int(n_ctx or getattr(a, "n_ctx_train", 2048))
+        self.numerics = numerics or _numerics.current()
+        self.n_ctx = int(n_ctx or a.n_ctx_train)
         self.n_batch = min(int(n_batch), self.n_ctx) if n_batch else self.n_ctx
         self.n_ubatch = min(int(n_ubatch), self.n_batch)
         self.n_seq_max = int(n_seq_max)
         self.embeddings = embeddings
-        self.memory = model.make_cache(self.n_ctx, self.n_seq_max)
+        self.memory = model.make_memory(self.n_ctx, self.n_seq_max, self.numerics)
         self._out_idx: torch.Tensor | None = None  # batch indices of the outputs, sorted
         self._logits: torch.Tensor | None = None
         self._hidden: torch.Tensor | None = None
@@ -47,10 +55,9 @@ class Context:
         out_rows: list[torch.Tensor] = []
         out_idx: list[torch.Tensor] = []
         hidden_rows: list[torch.Tensor] = []
-        with torch.inference_mode():
+        with torch.inference_mode(), _numerics.use(self.numerics):
             for ub in ubatches:
-                if getattr(self.memory, "has_shift", False):
-                    self.model.shift_k(self.memory)
+                self.memory.update()
                 view = self.memory.apply(ub)
                 h = self.model(ub, view)
                 sel = ub.output.nonzero().flatten()
@@ -60,7 +67,7 @@ class Context:
                     if self.embeddings:
                         hidden_rows.append(hs.float())
                     else:
-                        out_rows.append(self.model.output(hs))
+                        out_rows.append(self.model.logits(hs))
         if n_out == 0:
             self._out_idx, self._logits, self._hidden = torch.empty(0, dtype=torch.long), None, None
             return

@@ -209,7 +209,7 @@ def test_smollm2_matches_transformers(smollm2):
 def test_rope_scaling_matches_transformers(gguf_dir, shared, params):
     """GGUF rope.scaling.{type,factor,original_context_length} semantics vs transformers' RoPE."""
     transformers = pytest.importorskip("transformers")
-    from gguf_runtime.reader import GGUFFile
+    from gguf_runtime.gguf.reader import GGUFFile
 
     cfg = transformers.LlamaConfig.from_pretrained(shared / "models" / "llama-tiny-hf")
     cfg.rope_parameters = {"rope_theta": 10000.0, **params}
@@ -233,11 +233,11 @@ def test_rope_scaling_matches_transformers(gguf_dir, shared, params):
 
 def test_missing_or_misshapen_tensor_is_one_line_error(gguf_dir):
     from gguf_runtime.errors import GGUFFormatError, UnsupportedError
-    from gguf_runtime.reader import GGUFFile
+    from gguf_runtime.gguf.reader import GGUFFile
 
     f = GGUFFile(gguf_dir / "llama-tiny-f32.gguf")
     del f.tensor_infos["blk.1.ffn_up.weight"]
-    with pytest.raises(GGUFFormatError, match=r"llama tensor missing for parameter 'layers.1.mlp.up'"):
+    with pytest.raises(GGUFFormatError, match=r"llama tensor missing: blk.1.ffn_up.weight"):
         load_model(f)
     f = GGUFFile(gguf_dir / "llama-tiny-f32.gguf")
     f.metadata["llama.feed_forward_length"] = 500

@@ -11,7 +11,7 @@ from gguf_runtime import dequantize
 from gguf_runtime.batch import Batch
 from gguf_runtime.context import Context
 from gguf_runtime.models import load_model
-from gguf_runtime.reader import GGUFFile
+from gguf_runtime.gguf.reader import GGUFFile
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")]
 

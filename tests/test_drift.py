@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from gguf_runtime.drift import drift
+from gguf_runtime.tools.drift import drift
 from gguf_runtime.models import load_model
 
 

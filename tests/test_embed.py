@@ -13,10 +13,10 @@ import torch
 
 from gguf_runtime.cli.main import main
 from gguf_runtime.convert.hf import convert
-from gguf_runtime.embedding import Embedder, format_embeddings, normalize, pool
+from gguf_runtime.tools.embedding import Embedder, format_embeddings, normalize, pool
 from gguf_runtime.errors import BatchError
 from gguf_runtime.models import load_model
-from gguf_runtime.reader import GGUFFile
+from gguf_runtime.gguf.reader import GGUFFile
 from gguf_runtime.tokenizer import Tokenizer
 
 EXTRA = ["", "a", "Hello, world!", "UPPER CASE AND lower case", "Ünïcödé àccents, naïve café résumé",

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gguf_runtime.context import Context
-from gguf_runtime.generate import Sampler, SamplerParams, generate
+from gguf_runtime.tools.generate import Sampler, SamplerParams, generate
 from gguf_runtime.models import load_model
 
 

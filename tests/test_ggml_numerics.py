@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants
 
-from gguf_runtime import ggml_numerics as gn
-from gguf_runtime import ops
+from gguf_runtime import kernels as ops
+from gguf_runtime.kernels import ggml as gn
+from gguf_runtime.numerics import Numerics, use
 
 
 def test_q8_0_rounding_matches_gguf_py():
@@ -42,15 +42,14 @@ def test_linear_rounds_only_file_typed_weights(gguf_dir):
     from gguf_runtime.models import load_model
 
     m = load_model(gguf_dir / "llama-tiny-Q4_K_M.gguf")
-    w = m.layers[0].attn.wq
-    assert w.ggml_type == "Q4_K" and m.layers[0].attn_norm.ggml_type == "F32"
+    lin = m.blk[0].attn_q
+    w = lin.weight
+    assert lin.source.qtype == "Q4_K" and m.blk[0].ffn_down.source.qtype == m.blk[0].ffn_down.source.file.info(
+        "blk.0.ffn_down.weight").qtype.name
     x = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(2))
-    plain = ops.linear(x, w)
-    gn.set_enabled(True)
-    try:
-        emu = ops.linear(x, w)
+    plain = lin(x)
+    with use(Numerics(ggml=True)):
+        emu = lin(x)
         assert torch.equal(emu, ops.linear(gn.round_activations(x, "Q4_K"), torch.nn.Parameter(w.detach().clone(), requires_grad=False)))
         assert not torch.equal(emu, plain)
         torch.testing.assert_close(emu, plain, rtol=0.05, atol=0.05)
-    finally:
-        gn.set_enabled(False)

@@ -8,16 +8,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gguf_runtime import ops
+from dataclasses import replace
+
 from gguf_runtime.batch import Batch
 from gguf_runtime.context import Context
+from gguf_runtime.kernels import calibrate
 from gguf_runtime.models import load_model
+from gguf_runtime.numerics import Numerics
+from helpers import alone, toks
 
 N = 80
-
-
-def toks(n, seed):
-    return torch.randint(3, 2048, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 @pytest.fixture(scope="module", params=[("llama-tiny-f32.gguf", torch.float32), ("llama-tiny-f32.gguf", torch.bfloat16),
@@ -26,19 +26,6 @@ def toks(n, seed):
 def model(request, gguf_dir):
     name, dtype = request.param
     return load_model(gguf_dir / name, dtype=dtype)
-
-
-@pytest.fixture(autouse=True)
-def _invariant_on():
-    ops.set_invariant(True)
-    yield
-    ops.set_invariant(True)
-
-
-def alone(model, t, n_ubatch=512):
-    c = Context(model, n_ctx=256, n_ubatch=n_ubatch)
-    c.decode(Batch(t, output=[True] * len(t)))
-    return c.get_logits()
 
 
 def test_ubatch_sizes(model):
@@ -95,16 +82,42 @@ def test_negative_batch_dependent_path_is_caught(gguf_dir):
     """With invariance off (raw F.linear, fused SDPA), the same checks fail: they can fail."""
     model = load_model(gguf_dir / "llama-tiny-f32.gguf")
     t = toks(N, 5)
-    ops.set_invariant(False)
-    ref = alone(model, t)
-    diffs = [not torch.equal(alone(model, t, nub), ref) for nub in (1, 7)]
+    fast = Numerics(invariant=False)
+    ref = alone(model, t, numerics=fast)
+    diffs = [not torch.equal(alone(model, t, nub, numerics=fast), ref) for nub in (1, 7)]
     assert any(diffs)
     # still the same numbers to float tolerance: only the summation order moved
-    torch.testing.assert_close(alone(model, t, 1), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(alone(model, t, 1, numerics=fast), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_two_contexts_with_different_numerics_in_one_process(gguf_dir):
+    """Numerics are a value of each context, not a process mode: an invariant and a fast context
+    decoding in turn each give exactly what they give alone."""
+    model = load_model(gguf_dir / "llama-tiny-f32.gguf")
+    t = toks(N, 9)
+    fast = Numerics(invariant=False)
+    steps = [Batch(t[i:i + 16], pos=list(range(i, min(N, i + 16))), output=[True] * len(t[i:i + 16]))
+             for i in range(0, N, 16)]
+
+    def run_alone(nx):
+        c = Context(model, n_ctx=256, n_ubatch=7, numerics=nx)
+        out = []
+        for b in steps:
+            c.decode(b)
+            out.append(c.get_logits())
+        return out
+
+    inv_alone, fast_alone = run_alone(None), run_alone(fast)
+    a, b = Context(model, n_ctx=256, n_ubatch=7), Context(model, n_ctx=256, n_ubatch=7, numerics=fast)
+    for k, step in enumerate(steps):  # interleaved: a, b, a, b, ...
+        a.decode(step)
+        b.decode(step)
+        assert torch.equal(a.get_logits(), inv_alone[k]) and torch.equal(b.get_logits(), fast_alone[k])
+    assert not all(torch.equal(x, y) for x, y in zip(inv_alone, fast_alone))  # the two modes really differ
 
 
 def test_self_test_is_fast_and_picks_a_rule():
-    rep = ops.self_test()
+    rep = calibrate.report()
     assert rep["norms_invariant"] and rep["min_rows"] >= 1
     assert rep["seconds"] < 10  # "well under 2 s" on an idle machine; loose bound for a loaded CI box
 
@@ -134,32 +147,24 @@ def test_fallback_paths_stay_invariant(gguf_dir, backend):
     padding rule, oneDNN on plain weights, and one score product per key block."""
     model = load_model(gguf_dir / "llama-tiny-f32.gguf")
     t = toks(N, 7)
-    ops.self_test()
-    saved = dict(ops._state)
-    try:
-        if backend == "per-block-scores":
-            ops._state["mm_cols"] = False
-        else:
-            rule = next(r for r in ops._LINEAR_RULES if r[0] == backend and r[1] >= 4)  # a safe rule for it
-            ops._state["backend"], ops._state["min_rows"], ops._state["multiple"] = rule
-        ref = alone(model, t)
-        for nub in (1, 7):
-            assert torch.equal(alone(model, t, nub), ref), f"{backend} n_ubatch={nub}"
-    finally:
-        ops._state.update(saved)
+    rule = Numerics().linear_rule()
+    if backend == "per-block-scores":
+        rule = replace(rule, mm_cols=False)
+    else:
+        b, lo, mult = next(r for r in calibrate.LINEAR_RULES if r[0] == backend and r[1] >= 4)  # a safe rule for it
+        rule = replace(rule, backend=b, min_rows=lo, multiple=mult)
+    nx = Numerics(rule=rule)
+    ref = alone(model, t, numerics=nx)
+    for nub in (1, 7):
+        assert torch.equal(alone(model, t, nub, numerics=nx), ref), f"{backend} n_ubatch={nub}"
 
 
 def test_ggml_numerics_keeps_invariance(gguf_dir):
     """Activation rounding per row and block depends on the row alone."""
-    from gguf_runtime import ggml_numerics
-
     model = load_model(gguf_dir / "llama-tiny-Q4_K_M.gguf")
     t = toks(N, 8)
-    ggml_numerics.set_enabled(True)
-    try:
-        ref = alone(model, t)
-        for nub in (1, 7):
-            assert torch.equal(alone(model, t, nub), ref)
-    finally:
-        ggml_numerics.set_enabled(False)
+    ggml = Numerics(ggml=True)
+    ref = alone(model, t, numerics=ggml)
+    for nub in (1, 7):
+        assert torch.equal(alone(model, t, nub, numerics=ggml), ref)
     assert not torch.equal(alone(model, t), ref)  # and it does change the numbers

@@ -13,9 +13,9 @@ from gguf_runtime.errors import BatchError
 from gguf_runtime.memory.recurrent import RecurrentMemory
 from gguf_runtime.models import load_model
 from gguf_runtime.models.mamba import ModelArgs
-from gguf_runtime.perplexity import perplexity
-from gguf_runtime.reader import GGUFFile
-from gguf_runtime.ssm import selective_scan
+from gguf_runtime.tools.perplexity import perplexity
+from gguf_runtime.gguf.reader import GGUFFile
+from gguf_runtime.kernels.ssm import selective_scan
 from gguf_runtime.tokenizer import Tokenizer
 
 MAMBA_TINY_PPL = 503.3301  # llama-perplexity -c 128, first 200,000 bytes of wikitext-2-test (../shared/README.md)
@@ -264,22 +264,22 @@ def _ubatches(mem, seqs: list[list[int]], seq_ids: list[int], n_ubatch: int = 64
 
 def test_memory_slots_contiguous_in_ubatch_order():
     """Generic shapes (per layer, extras); each set's state follows it into contiguous slots."""
-    mem = RecurrentMemory(2, 6, [(3, 4), (2, 4)], (5,), extra={"more": (2,)})
+    mem = RecurrentMemory(2, 6, {"conv": [(3, 4), (2, 4)], "ssm": (5,), "more": (2,)})
     assert [t.shape for t in mem.states["conv"]] == [(6, 3, 4), (6, 2, 4)]
     for ub in _ubatches(mem, [[1, 2], [3], [4, 5, 6]], [4, 1, 5]):
         v = mem.apply(ub)
         ids = torch.tensor([ub.seq_ids[s * ub.n_seq_tokens][0] for s in range(ub.n_seqs)], dtype=torch.float)
         # a new sequence starts from zeros, a continued one finds what it wrote
-        assert torch.equal(v.ssm(0)[:, 0], torch.where(v.pos0 == 0, 0.0, ids))
-        v.set_ssm(0, ids.view(-1, 1).expand(-1, 5))
-        v.state("more", 1).fill_(7.0)
+        assert torch.equal(v.layer(0)["ssm"][:, 0], torch.where(v.pos0 == 0, 0.0, ids))
+        v.layer(0)["ssm"] = ids.view(-1, 1).expand(-1, 5)
+        v.layer(1)["more"].fill_(7.0)
     # sequences 5 and 1 continue, in this order: their states come back contiguous, in ubatch order
     (ub,) = _ubatches(mem, [[7], [8]], [5, 1])
     v = mem.apply(ub)
-    assert v.n_seqs == 2 and v.ssm(0)[:, 0].tolist() == [5.0, 1.0]
-    assert v.ssm(0).data_ptr() == mem.states["ssm"][0][v.start].data_ptr()  # a view of the slots
+    assert v.n_seqs == 2 and v.layer(0)["ssm"][:, 0].tolist() == [5.0, 1.0]
+    assert v.layer(0)["ssm"].data_ptr() == mem.states["ssm"][0][v.start].data_ptr()  # a view of the slots
     assert v.pos0.tolist() == [3, 1]
-    assert torch.equal(v.state("more", 1), torch.full((2, 2), 7.0))
+    assert torch.equal(v.layer(1)["more"], torch.full((2, 2), 7.0))
     assert [mem.seq_pos_max(s) for s in (4, 1, 5)] == [1, 1, 3]
     tail4 = mem.meta.tail[4]
     assert mem.states["ssm"][0][tail4][0] == 4.0  # a sequence outside the ubatch keeps its state

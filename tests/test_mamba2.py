@@ -11,9 +11,9 @@ import torch
 from gguf_runtime.batch import Batch
 from gguf_runtime.errors import GGUFFormatError
 from gguf_runtime.models import load_model
-from gguf_runtime.perplexity import perplexity
-from gguf_runtime.reader import GGUFFile
-from gguf_runtime.ssd import CHUNK, SSDState, ssd_scan
+from gguf_runtime.tools.perplexity import perplexity
+from gguf_runtime.gguf.reader import GGUFFile
+from gguf_runtime.kernels.ssd import CHUNK, SSDState, ssd_scan
 from gguf_runtime.tokenizer import Tokenizer
 from test_mamba import alone, assert_steps_bitwise_invariant, assert_two_sequences_then_steps_match, ctx, states  # shared with Mamba's tests
 

@@ -12,19 +12,14 @@ import torch
 
 from gguf_runtime.errors import BatchError
 from gguf_runtime.models import load_model
-from gguf_runtime.perplexity import perplexity, token_nll
-from gguf_runtime.reader import GGUFFile
-from gguf_runtime.tokenizer import Tokenizer
+from gguf_runtime.tools.perplexity import perplexity, token_nll
 
 # llama-perplexity (b4748, CPU) -c 128 over the first 200,000 bytes of wikitext-2-test.txt (../shared/README.md)
 LLAMA_TINY_PPL, LLAMA_TINY_ERR = 587.9062, 5.57153
 MAMBA_TINY_PPL, MAMBA_TINY_ERR = 503.3301, 5.02208
 
 
-def _wiki_tokens(gguf_path, wikitext) -> tuple[torch.Tensor, Tokenizer]:
-    tok = Tokenizer.from_gguf(GGUFFile(gguf_path))
-    text = wikitext.read_bytes()[:200_000].decode("utf-8")
-    return torch.tensor(tok.encode(text, add_special=True)), tok
+from helpers import wiki_tokens as _wiki_tokens
 
 
 @pytest.fixture(scope="module")

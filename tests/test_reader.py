@@ -17,7 +17,7 @@ from gguf_runtime import GGUFFile, load
 from gguf_runtime.cli.inspect_cmd import report
 from gguf_runtime.cli.main import main
 from gguf_runtime.errors import GGUFFormatError, GGUFRuntimeError
-from gguf_runtime.reader import TensorNotFoundError
+from gguf_runtime.gguf.reader import TensorNotFoundError
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,10 +15,11 @@ import sys
 import pytest
 import torch
 
-from gguf_runtime import ggml_numerics, tasks
+from gguf_runtime.numerics import Numerics, use
+from gguf_runtime.tools import tasks
 from gguf_runtime.models import load_model
-from gguf_runtime.perplexity import perplexity
-from gguf_runtime.reader import GGUFFile
+from gguf_runtime.tools.perplexity import perplexity
+from gguf_runtime.gguf.reader import GGUFFile
 from gguf_runtime.tokenizer import Tokenizer
 
 # llama-perplexity --hellaswag --hellaswag-tasks 400 on llama-tiny-f32: per-task verdicts (from its
@@ -261,11 +262,8 @@ def test_kl_divergence_matches_llama_cpp(gguf_dir, wikitext, tmp_path):
     assert len([x for x in lines if x[:4].strip().isdigit()]) == 100
     # --ggml-numerics (Q8_K activations for the K-quant weights, f16 KV, ggml's RMS norm and RoPE
     # angles): llama.cpp's own figures, 17x closer in KLD (0.003432 against 0.003415)
-    ggml_numerics.set_enabled(True)
-    try:
+    with use(Numerics(ggml=True)):
         g = tasks.kl_divergence(load_model(gguf_dir / "llama-tiny-Q4_K_M.gguf"), base, bos=tok.bos_id).summary()
-    finally:
-        ggml_numerics.set_enabled(False)
     assert g["kld"] == pytest.approx(KLD_Q4KM["kld"], rel=0.02)
     assert abs(g["kld"] - KLD_Q4KM["kld"]) < abs(s["kld"] - KLD_Q4KM["kld"]) / 5
     assert g["ppl"] == pytest.approx(KLD_Q4KM["ppl"], rel=1e-4)

@@ -18,7 +18,7 @@ from tokenizers import models, pre_tokenizers
 
 from gguf_runtime import fixtures
 from gguf_runtime.errors import GGUFRuntimeError, UnsupportedError
-from gguf_runtime.reader import GGUFFile
+from gguf_runtime.gguf.reader import GGUFFile
 from gguf_runtime.tokenizer import Tokenizer
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"  # its sdist vendors llama.cpp's models/ggml-vocab-*.gguf{,.inp,.out}

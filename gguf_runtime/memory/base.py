@@ -8,7 +8,10 @@ that hold both. The context only talks to this interface:
   equal for recurrent state) and returns the ubatches;
 - ``prepare(ubatches)``: checks that all of them fit before anything is written (no half-applied
   batch on failure: raises MemoryFullError);
-- ``apply(ubatch)``: reserves room for the ubatch and returns a view the model reads and writes;
+- ``update()``: pending internal work before the next ubatch (the KV cache's K-shift);
+- ``apply(ubatch)``: reserves room for the ubatch and returns a view the model reads and writes:
+  ``view.layer(il)`` is the layer's part of the memory (``attend`` for attention layers, named
+  state tensors for recurrent ones);
 - sequence operations with llama.cpp's semantics (``p0 < 0`` means 0, ``p1 < 0`` means infinity,
   ``seq_id < 0`` means every sequence).
 """
@@ -54,6 +57,9 @@ class Memory(ABC):
 
     @abstractmethod
     def apply(self, ubatch: UBatch): ...
+
+    def update(self) -> None:
+        """Work the memory owes before the next ubatch (nothing, unless it says otherwise)."""
 
     @staticmethod
     def _range(p0: int, p1: int) -> tuple[int, float]:

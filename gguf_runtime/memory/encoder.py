@@ -6,7 +6,8 @@ sequence in the same ubatch, so a sequence must never be cut. ``split`` packs wh
 names the sequence that cannot fit. ``apply`` returns an :class:`EncoderView` that lays the ubatch
 out for batched attention: sequences are bucketed by their length rounded up to ``BLOCK``, so the
 shapes a token's attention is computed with depend only on its own sequence's length, never on
-which other sequences share the ubatch.
+which other sequences share the ubatch. ``view.layer(il).attend(q, k, v, scale=...)`` runs the same
+fixed-order kernel as the KV cache's (one invariance argument for every model).
 """
 from __future__ import annotations
 
@@ -16,16 +17,18 @@ import torch
 
 from ..batch import BatchAllocator, UBatch
 from ..errors import BatchError
+from ..kernels import attention
 from .base import Memory
 
 BLOCK = 32  # sequences are padded to a multiple of this many tokens inside attention
-ROWS = 32  # the ubatch is padded to a multiple of this many rows, so ops.linear never pads (its tile divides 32)
+ROWS = 32  # the ubatch is padded to a multiple of this many rows, so kernels.linear never pads (its tile divides 32)
 
 
 @dataclass
 class Bucket:
     idx: torch.Tensor  # (n_seq, L) ubatch rows of each sequence in position order (padding repeats a row)
     valid: torch.Tensor  # (n_seq, L) bool: real token, not padding
+    mask: torch.Tensor  # (n_seq, L, L) bool: the keys each query sees (every real token of its sequence)
 
 
 @dataclass
@@ -33,6 +36,22 @@ class EncoderView:
     buckets: list[Bucket]
     inv: torch.Tensor  # (n_rows,) row of each ubatch token in the buckets' concatenated (n_seq * L) layout
     n_rows: int  # n_tokens rounded up to ROWS: the model computes this many rows (the tail is padding)
+
+    def layer(self, il: int) -> "EncoderView":
+        return self  # nothing is kept per layer
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, window: int = 0,
+               softcap: float = 0.0) -> torch.Tensor:
+        """Non-causal attention of every row over its own sequence: q, k, v (n_rows, heads, d) ->
+        (n_rows, heads, d_v)."""
+        if window:
+            raise BatchError("sliding-window attention needs a KV cache, not an encoder memory")
+        outs = []
+        for b in self.buckets:
+            qq, kk, vv = (t[b.idx].transpose(1, 2) for t in (q, k, v))  # (S, heads, L, d)
+            o = attention(qq, kk, vv, b.mask, scale, softcap)  # (S, L, heads, d_v)
+            outs.append(o.reshape(-1, o.shape[-2], o.shape[-1]))
+        return torch.cat(outs)[self.inv]
 
 
 class EncoderMemory(Memory):
@@ -90,6 +109,7 @@ class EncoderMemory(Memory):
             src = starts[sel].unsqueeze(1) + torch.where(valid, j, 0)
             idx = order[src]
             inv[idx[valid]] = base + valid.flatten().nonzero().flatten()
-            buckets.append(Bucket(idx.to(self.device), valid.to(self.device)))
+            mask = valid.unsqueeze(1).expand(-1, L, -1).contiguous()
+            buckets.append(Bucket(idx.to(self.device), valid.to(self.device), mask.to(self.device)))
             base += idx.numel()
         return EncoderView(buckets, inv.to(self.device), n_rows)

@@ -1,21 +1,29 @@
 """The attention KV cache (llama.cpp's llama_kv_cache), behind the :class:`Memory` interface.
 
 Cells hold a position and a set of sequences (a bool row per cell); K and V live in one tensor per
-layer, ``(n_head_kv, n_cells + 1, head_dim)`` (the extra cell stays zero: attention plans pad with it). A ubatch takes free cells; ``apply`` returns a
-:class:`KVView` whose attention plan groups the ubatch's queries by their primary sequence and lists
-that sequence's visible cells **in position order**, so attention never depends on where cells sit.
+layer, ``(n_head_kv, n_cells + 1, head_dim)`` (the extra cell stays zero: attention plans pad with
+it). A ubatch takes free cells; ``apply`` returns a :class:`KVView` whose attention plan groups the
+ubatch's queries by their primary sequence and lists that sequence's visible cells **in position
+order**, so attention never depends on where cells sit.
 
-``seq_add``/``seq_div`` move positions and record a per-cell shift; the context asks the model to
-re-rotate cached K (``Model.shift_k``) before the next ubatch, as llama.cpp's K-shift does.
-Sliding-window layers (``n_swa``) mask keys older than the window, per layer type.
+A model's attention layer sees only ``view.layer(il).attend(q, k, v, scale=..., window=...,
+softcap=...)``: storing K/V, planning, gathering and the fixed-order kernel live behind it.
+``window`` masks keys ``window`` or more positions behind the query (llama.cpp's standard
+``is_masked_swa``).
+
+``seq_add``/``seq_div`` move positions and record a per-cell shift; :meth:`KVCache.update` (run by
+the context before each ubatch) re-rotates the cached K of shifted cells with the ``rotate``
+function the model gave the cache, as llama.cpp's K-shift does.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from .. import ops
+from .. import numerics
+from ..kernels import KV_BLOCK, attention
 from ..batch import BatchAllocator, UBatch
 from ..errors import MemoryFullError
 from .base import Memory
@@ -26,7 +34,7 @@ class AttnGroup:
     q_idx: torch.Tensor  # (n_q,) rows of the ubatch attending together
     cells: torch.Tensor  # (n_kv,) cache cells of their sequence, in position order (then the pad cell)
     mask: torch.Tensor  # (n_q, n_kv) bool: visible (causal)
-    mask_swa: torch.Tensor | None  # (n_q, n_kv) bool for sliding-window layers
+    dist: torch.Tensor  # (n_q, n_kv) query position - key position (windows are masked from it)
 
 
 @dataclass
@@ -37,7 +45,38 @@ class AttnBatch:
     q_idx: torch.Tensor  # (n * n_q,) ubatch rows, group by group
     cells: torch.Tensor  # (n * n_kv,) cache cells, group by group
     mask: torch.Tensor  # (n, n_q, n_kv)
-    mask_swa: torch.Tensor | None
+    dist: torch.Tensor  # (n, n_q, n_kv)
+    windowed: dict[int, torch.Tensor]  # window -> mask, derived once per ubatch
+
+    def mask_for(self, window: int) -> torch.Tensor:
+        if not window:
+            return self.mask
+        m = self.windowed.get(window)
+        if m is None:
+            m = self.windowed[window] = self.mask & (self.dist < window)
+        return m
+
+
+class LayerKV:
+    """One attention layer's part of the cache during a ubatch."""
+
+    def __init__(self, view: "KVView", il: int):
+        self.view, self.il = view, il
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, window: int = 0,
+               softcap: float = 0.0) -> torch.Tensor:
+        """Store this ubatch's ``k``, ``v`` (n, n_head_kv, d) and return the attention of ``q``
+        (n, n_head, d) over each token's visible keys, (n, n_head, d_v)."""
+        view, il = self.view, self.il
+        view.store(il, k, v)
+        n, h = q.shape[0], q.shape[1]
+        out = q.new_empty(n, h, v.shape[-1])
+        for b in view.batches(q.device):  # groups of equal shape, computed together
+            kk, vv = view.kv(il, b)
+            qq = q.index_select(0, b.q_idx).view(b.n, -1, h, q.shape[-1]).transpose(1, 2)
+            o = attention(qq, kk.to(q.dtype), vv.to(q.dtype), b.mask_for(window), scale, softcap)
+            out.index_copy_(0, b.q_idx, o.reshape(-1, h, v.shape[-1]))
+        return out
 
 
 @dataclass
@@ -46,6 +85,9 @@ class KVView:
     groups: list[AttnGroup]
     cache: "KVCache"
     _batches: list[AttnBatch] | None = None
+
+    def layer(self, il: int) -> LayerKV:
+        return LayerKV(self, self.cache.index(il))
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         kc, vc = self.cache.k[layer], self.cache.v[layer]
@@ -60,8 +102,7 @@ class KVView:
             for g in self.groups:
                 by.setdefault((len(g.q_idx), len(g.cells)), []).append(g)
             self._batches = [AttnBatch(len(gs), torch.cat([g.q_idx for g in gs]).to(dev), torch.cat([g.cells for g in gs]).to(dev),
-                                       torch.stack([g.mask for g in gs]).to(dev),
-                                       None if gs[0].mask_swa is None else torch.stack([g.mask_swa for g in gs]).to(dev))
+                                       torch.stack([g.mask for g in gs]).to(dev), torch.stack([g.dist for g in gs]).to(dev), {})
                              for gs in by.values()]
         return self._batches
 
@@ -74,13 +115,22 @@ class KVView:
         return k, v
 
 
+Rotate = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (layer, k (cells, heads, d), delta) -> k
+
+
 class KVCache(Memory):
+    """``layers``: the model layers this cache holds (default all ``n_layer``; a hybrid's attention
+    layers); ``rotate``: the model's RoPE rotation by a position delta, for the K-shift (``None``:
+    positions may not be shifted)."""
+
     def __init__(self, n_layer: int, n_ctx: int, n_seq_max: int, n_head_kv: int | list[int], head_dim_k: int,
                  head_dim_v: int | None = None, dtype=torch.float32, device=None, causal: bool = True,
-                 n_swa: int = 0, swa_layers: list[bool] | None = None, dtype_v=None):
+                 dtype_v=None, layers: list[int] | None = None, rotate: Rotate | None = None):
+        self.layers = list(range(n_layer)) if layers is None else list(layers)
+        self._index = {il: i for i, il in enumerate(self.layers)}
+        n_layer = len(self.layers)
         self.n_layer, self.n_ctx, self.n_seq_max = n_layer, n_ctx, n_seq_max
-        self.causal, self.n_swa = causal, n_swa
-        self.swa_layers = swa_layers or [False] * n_layer
+        self.causal, self.rotate = causal, rotate
         hkv = n_head_kv if isinstance(n_head_kv, list) else [n_head_kv] * n_layer
         dv = head_dim_v or head_dim_k
         # one row past the cells stays zero: attention plans pad each sequence's key list with it up
@@ -93,6 +143,10 @@ class KVCache(Memory):
         self.seq = torch.zeros(n_ctx, n_seq_max, dtype=torch.bool)
         self.shift = torch.zeros(n_ctx, dtype=torch.long)
         self.has_shift = False
+
+    def index(self, il: int) -> int:
+        """The storage index of model layer ``il``."""
+        return self._index[il]
 
     # -- queries -------------------------------------------------------------------------------
     def seq_pos_min(self, seq_id: int) -> int:
@@ -166,13 +220,21 @@ class KVCache(Memory):
         self.shift[sel] += new - old
         self.has_shift = bool(self.shift.any())
 
-    def take_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cells with a pending shift and their deltas; clears the record."""
+    def update(self) -> None:
+        """The K-shift: re-rotate the cached K of shifted cells by their position delta (the
+        magnitude scale was applied when each key was stored); clears the record."""
+        if not self.has_shift:
+            return
         cells = self.shift.nonzero().flatten()
         deltas = self.shift[cells].clone()
         self.shift.zero_()
         self.has_shift = False
-        return cells, deltas
+        if self.rotate is None:
+            raise MemoryFullError("this model's keys cannot be shifted (no RoPE): seq_add/seq_div are not supported")
+        c = cells.to(self.k[0].device)
+        for i, il in enumerate(self.layers):
+            k = self.k[i][:, c].transpose(0, 1)  # (cells, heads, d)
+            self.k[i][:, c] = self.rotate(il, k, deltas).transpose(0, 1).to(k.dtype)
 
     # -- ubatches ------------------------------------------------------------------------------
     def split(self, balloc: BatchAllocator, n_ubatch: int) -> list[UBatch]:
@@ -197,6 +259,7 @@ class KVCache(Memory):
         return KVView(slots, self._plan(ub), self)
 
     def _plan(self, ub: UBatch) -> list[AttnGroup]:
+        invariant = numerics.current().invariant
         seq0 = ub.seq0
         groups = []
         for s in seq0.unique(sorted=True).tolist():
@@ -209,15 +272,12 @@ class KVCache(Memory):
                 cells, cpos = cells[keep], cpos[keep]
             order = torch.argsort(cpos, stable=True)
             cells, cpos = cells[order], cpos[order]
-            mask = (cpos.unsqueeze(0) <= qpos.unsqueeze(1)) if self.causal else torch.ones(len(q_idx), len(cells), dtype=torch.bool)
-            mask_swa = None
-            if self.n_swa > 0 and any(self.swa_layers):
-                mask_swa = mask & (qpos.unsqueeze(1) - cpos.unsqueeze(0) < self.n_swa)
-            pad = (-len(cells)) % ops.KV_BLOCK if ops.is_invariant() else 0
-            if pad:  # whole key blocks for ops.attention: the zero pad cell, masked
+            dist = qpos.unsqueeze(1) - cpos.unsqueeze(0)
+            mask = (dist >= 0) if self.causal else torch.ones(len(q_idx), len(cells), dtype=torch.bool)
+            pad = (-len(cells)) % KV_BLOCK if invariant else 0
+            if pad:  # whole key blocks for kernels.attention: the zero pad cell, masked
                 cells = torch.cat([cells, cells.new_full((pad,), self.n_ctx)])
                 mask = torch.cat([mask, mask.new_zeros(len(q_idx), pad)], 1)
-                if mask_swa is not None:
-                    mask_swa = torch.cat([mask_swa, mask_swa.new_zeros(len(q_idx), pad)], 1)
-            groups.append(AttnGroup(q_idx, cells, mask, mask_swa))
+                dist = torch.cat([dist, dist.new_zeros(len(q_idx), pad)], 1)
+            groups.append(AttnGroup(q_idx, cells, mask, dist))
         return groups

@@ -9,20 +9,21 @@ ubatch that extends one of the sharers copies the state into a cell of its own (
 
 Model-facing API (Mamba and Mamba2 code against this)::
 
-    mem = RecurrentMemory(n_layer, n_seq_max, conv_shape, ssm_shape, dtype=torch.float32, device=None,
-                          extra={"name": shape, ...})
-    # shapes are per cell for one layer (a tuple), or a list of n_layer tuples
+    mem = RecurrentMemory(n_layer, n_seq_max, {"conv": shape, "ssm": shape, ...}, dtype=torch.float32,
+                          dtypes={"n": torch.long}, layers=None)
+    # shapes are per cell for one layer (a tuple), or a list of per-layer tuples; ``dtypes``
+    # overrides the dtype of a named state (integer state stays integer); ``layers``: the model
+    # layers this memory holds (default all)
 
     view = mem.apply(ubatch)      # the Context does this; the ubatch comes from split_equal
     view.n_seqs, view.n_seq_tokens  # ubatch = n_seqs sequence sets x n_seq_tokens tokens, seq-major
     view.pos0                     # (n_seqs,) int64: absolute position of each set's first new token
-    view.conv(layer)              # (n_seqs, *conv_shape): the sets' states in ubatch order
-    view.ssm(layer)               # (n_seqs, *ssm_shape)
-    view.state(name, layer)       # the same for an extra state
-    view.set_conv(layer, t); view.set_ssm(layer, t); view.set_state(name, layer, t)   # write back
+    st = view.layer(il)           # the layer's named states
+    st["conv"]                    # (n_seqs, *shape): the sets' states in ubatch order
+    st["conv"] = new              # write back
 
-``conv``/``ssm``/``state`` return views of contiguous cell slots ``[start, start + n_seqs)``, so
-in-place writes land in the memory too; ``set_*`` copies a new tensor in. A set that starts a new
+``st[name]`` returns views of contiguous cell slots ``[start, start + n_seqs)``, so in-place writes
+land in the memory too; assignment copies a new tensor in. A set that starts a new
 sequence finds a zero state there. A token with several sequence ids (a shared prefix) is computed
 once: its set's state is given to every member sequence.
 
@@ -69,6 +70,20 @@ class _Meta:
         raise MemoryFullError("recurrent memory full: no free state cell (increase n_seq_max)")
 
 
+class LayerState:
+    """One layer's named states for the ubatch's sequence sets: ``st[name]`` reads, ``st[name] = t`` writes."""
+
+    def __init__(self, view: "RecurrentView", i: int):
+        self.view, self.i = view, i
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.view.mem.states[name][self.i][self.view._sl]
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        dst = self[name]
+        dst.copy_(value.to(dst.dtype))
+
+
 class RecurrentView:
     """The ubatch's states: contiguous cell slots in ubatch order (see the module docstring)."""
 
@@ -78,37 +93,29 @@ class RecurrentView:
         self.pos0 = ub.pos[:: ub.n_seq_tokens].clone()
         self._sl = slice(start, start + ub.n_seqs)
 
-    def state(self, name: str, layer: int) -> torch.Tensor:
-        return self.mem.states[name][layer][self._sl]
-
-    def set_state(self, name: str, layer: int, value: torch.Tensor) -> None:
-        dst = self.mem.states[name][layer][self._sl]
-        dst.copy_(value.to(dst.dtype))
-
-    def conv(self, layer: int) -> torch.Tensor:
-        return self.state("conv", layer)
-
-    def ssm(self, layer: int) -> torch.Tensor:
-        return self.state("ssm", layer)
-
-    def set_conv(self, layer: int, value: torch.Tensor) -> None:
-        self.set_state("conv", layer, value)
-
-    def set_ssm(self, layer: int, value: torch.Tensor) -> None:
-        self.set_state("ssm", layer, value)
+    def layer(self, il: int) -> LayerState:
+        return LayerState(self, self.mem.index(il))
 
 
 class RecurrentMemory(Memory):
-    def __init__(self, n_layer: int, n_seq_max: int, conv_shape: Shape | list[Shape], ssm_shape: Shape | list[Shape],
-                 dtype: torch.dtype = torch.float32, device=None, extra: dict[str, Shape | list[Shape]] | None = None):
+    def __init__(self, n_layer: int, n_seq_max: int, shapes: dict[str, Shape | list[Shape]],
+                 dtype: torch.dtype = torch.float32, device=None, dtypes: dict[str, torch.dtype] | None = None,
+                 layers: list[int] | None = None):
+        self.layers = list(range(n_layer)) if layers is None else list(layers)
+        self._index = {il: i for i, il in enumerate(self.layers)}
+        n_layer = len(self.layers)
         self.n_layer, self.n_seq_max = n_layer, max(1, int(n_seq_max))
         self.n_cells = self.n_seq_max  # one cell per sequence slot, as llama.cpp sizes it
-        shapes = {"conv": conv_shape, "ssm": ssm_shape, **(extra or {})}
         self.states: dict[str, list[torch.Tensor]] = {}
         for name, shp in shapes.items():
             per_layer = shp if isinstance(shp, list) else [tuple(shp)] * n_layer
-            self.states[name] = [torch.zeros(self.n_cells, *s, dtype=dtype, device=device) for s in per_layer]
+            dt = (dtypes or {}).get(name, dtype)
+            self.states[name] = [torch.zeros(self.n_cells, *s, dtype=dt, device=device) for s in per_layer]
         self.meta = _Meta([-1] * self.n_cells, [set() for _ in range(self.n_cells)], [-1] * self.n_seq_max)
+
+    def index(self, il: int) -> int:
+        """The storage index of model layer ``il``."""
+        return self._index[il]
 
     # -- queries -------------------------------------------------------------------------------
     def _cell_of(self, seq_id: int) -> int:

@@ -8,203 +8,129 @@ ffn_norm,ffn_gate,ffn_up,ffn_down}``, ``output_norm``, ``output`` (absent when t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .. import ggml_numerics, ops
+from .. import kernels
+from ..gguf.hparams import HParams
 from ..memory.kv_cache import KVCache, KVView
-from ..reader import GGUFFile
-from . import build
+from ..numerics import Numerics
+from .base import Model as BaseModel
+from .base import ModelArgs as BaseArgs
+from .layers import Embedding, Linear, RMSNorm, Weights
 
 
 @dataclass
-class ModelArgs:
-    n_vocab: int
-    n_embd: int
-    n_layer: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_ff: int
-    rms_eps: float
-    rope_dim: int
+class ModelArgs(BaseArgs):
+    n_head: int = 0
+    n_head_kv: int = 0
+    head_dim: int = 0
+    n_ff: int = 0
+    rms_eps: float = 1e-5
+    rope_dim: int = 0
     rope_base: float = 10000.0
     rope_scaling: dict | None = None
-    n_ctx_train: int = 2048
-    tied: bool = False
-    rope_neox: bool = False
-    extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_gguf(cls, f: GGUFFile) -> "ModelArgs":
-        a = f.arch
-        g = lambda k, d=None: f.get(f"{a}.{k}", d)  # noqa: E731
-        n_embd, n_head = int(g("embedding_length")), int(g("attention.head_count"))
-        head_dim = int(g("attention.key_length", n_embd // n_head))
+    def from_gguf(cls, hp: HParams) -> "ModelArgs":
+        n_embd, n_head = hp.int("embedding_length"), hp.int("attention.head_count")
+        head_dim = hp.int("attention.key_length", n_embd // n_head)
         scaling = None
-        st = g("rope.scaling.type")
-        if st and st != "none":
-            scaling = {"type": st, "factor": float(g("rope.scaling.factor", 1.0)),
-                       "original_context_length": int(g("rope.scaling.original_context_length", 0) or 0),
-                       "attn_factor": float(g("rope.scaling.attn_factor", 1.0)),
-                       "beta_fast": float(g("rope.scaling.yarn_beta_fast", 32.0)),
-                       "beta_slow": float(g("rope.scaling.yarn_beta_slow", 1.0))}
-        return cls(
-            n_vocab=int(f.tensor_infos["token_embd.weight"].shape[0]),
+        st = hp.str("rope.scaling.type", "none")
+        if st != "none":
+            scaling = {"type": st, "factor": hp.float("rope.scaling.factor", 1.0, lo=1e-6),
+                       "original_context_length": hp.int("rope.scaling.original_context_length", 0, lo=0),
+                       "attn_factor": hp.float("rope.scaling.attn_factor", 1.0),
+                       "beta_fast": hp.float("rope.scaling.yarn_beta_fast", 32.0),
+                       "beta_slow": hp.float("rope.scaling.yarn_beta_slow", 1.0)}
+        args = cls(
+            n_vocab=hp.tensor_shape("token_embd.weight")[0],
             n_embd=n_embd,
-            n_layer=int(g("block_count")),
+            n_layer=hp.n_layer(),
+            n_ctx_train=hp.int("context_length", 2048),
             n_head=n_head,
-            n_head_kv=int(g("attention.head_count_kv", n_head)),
+            n_head_kv=hp.int("attention.head_count_kv", n_head),
             head_dim=head_dim,
-            n_ff=int(g("feed_forward_length")),
-            rms_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_dim=int(g("rope.dimension_count", head_dim)),
-            rope_base=float(g("rope.freq_base", 10000.0)),
+            n_ff=hp.int("feed_forward_length"),
+            rms_eps=hp.float("attention.layer_norm_rms_epsilon", 1e-5, lo=0.0),
+            rope_dim=hp.int("rope.dimension_count", head_dim, hi=head_dim),
+            rope_base=hp.float("rope.freq_base", 10000.0, lo=1e-6),
             rope_scaling=scaling,
-            n_ctx_train=int(g("context_length", 2048)),
-            tied="output.weight" not in f.tensor_infos,
         )
-
-
-class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        h, hkv, d, e = args.n_head, args.n_head_kv, args.head_dim, args.n_embd
-        self.wq = nn.Parameter(torch.empty(h * d, e), requires_grad=False)
-        self.wk = nn.Parameter(torch.empty(hkv * d, e), requires_grad=False)
-        self.wv = nn.Parameter(torch.empty(hkv * d, e), requires_grad=False)
-        self.wo = nn.Parameter(torch.empty(e, h * d), requires_grad=False)
-        self.scale = 1.0 / math.sqrt(d)
-
-    def forward(self, x, pos, layer: int, view: KVView, rope):
-        a = self.args
-        n = x.shape[0]
-        q = ops.linear(x, self.wq).view(n, a.n_head, a.head_dim)
-        k = ops.linear(x, self.wk).view(n, a.n_head_kv, a.head_dim)
-        v = ops.linear(x, self.wv).view(n, a.n_head_kv, a.head_dim)
-        q, k = rope(q, pos), rope(k, pos)
-        view.store(layer, k, v)
-        out = q.new_empty(n, a.n_head, a.head_dim)
-        for b in view.batches(x.device):  # groups of equal shape, computed together
-            kk, vv = view.kv(layer, b)
-            qq = q.index_select(0, b.q_idx).view(b.n, -1, a.n_head, a.head_dim).transpose(1, 2)
-            kk, vv = kk.to(q.dtype), vv.to(q.dtype)
-            out.index_copy_(0, b.q_idx, ops.attention(qq, kk, vv, b.mask, self.scale).reshape(-1, a.n_head, a.head_dim))
-        return ops.linear(out.reshape(n, -1), self.wo)
-
-
-class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.gate = nn.Parameter(torch.empty(args.n_ff, args.n_embd), requires_grad=False)
-        self.up = nn.Parameter(torch.empty(args.n_ff, args.n_embd), requires_grad=False)
-        self.down = nn.Parameter(torch.empty(args.n_embd, args.n_ff), requires_grad=False)
-
-    def forward(self, x):
-        return ops.linear(ops.silu(ops.linear(x, self.gate)) * ops.linear(x, self.up), self.down)
+        hp.divides(args.n_head_kv, args.n_head, f"{n_head} heads for {args.n_head_kv} KV heads")
+        return args
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, a: ModelArgs):
         super().__init__()
-        self.args = args
-        self.attn_norm = nn.Parameter(torch.empty(args.n_embd), requires_grad=False)
-        self.ffn_norm = nn.Parameter(torch.empty(args.n_embd), requires_grad=False)
-        self.attn = Attention(args)
-        self.mlp = MLP(args)
+        self.args = a
+        e, h, hkv, d = a.n_embd, a.n_head, a.n_head_kv, a.head_dim
+        self.attn_norm = RMSNorm(e, a.rms_eps)
+        self.attn_q = Linear(e, h * d)
+        self.attn_k = Linear(e, hkv * d)
+        self.attn_v = Linear(e, hkv * d)
+        self.attn_output = Linear(h * d, e)
+        self.ffn_norm = RMSNorm(e, a.rms_eps)
+        self.ffn_gate = Linear(e, a.n_ff)
+        self.ffn_up = Linear(e, a.n_ff)
+        self.ffn_down = Linear(a.n_ff, e)
+        self.scale = 1.0 / math.sqrt(d)
 
-    def forward(self, x, pos, layer, view, rope):
-        eps = self.args.rms_eps
-        x = x + self.attn(ops.rms_norm(x, self.attn_norm, eps), pos, layer, view, rope)
-        return x + self.mlp(ops.rms_norm(x, self.ffn_norm, eps))
+    def attention(self, x, pos, kv, rope):
+        a, n = self.args, x.shape[0]
+        q = rope(self.attn_q(x).view(n, a.n_head, a.head_dim), pos)
+        k = rope(self.attn_k(x).view(n, a.n_head_kv, a.head_dim), pos)
+        v = self.attn_v(x).view(n, a.n_head_kv, a.head_dim)
+        return self.attn_output(kv.attend(q, k, v, scale=self.scale).reshape(n, -1))
+
+    def ffn(self, x):
+        return self.ffn_down(kernels.silu(self.ffn_gate(x)) * self.ffn_up(x))
+
+    def forward(self, x, pos, kv, rope):
+        x = x + self.attention(self.attn_norm(x), pos, kv, rope)
+        return x + self.ffn(self.ffn_norm(x))
 
 
-class Model(nn.Module):
+class Model(BaseModel):
+    Args = ModelArgs
+    optional = frozenset({"rope_freqs"})
+
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.tok_embd = nn.Parameter(torch.empty(args.n_vocab, args.n_embd), requires_grad=False)
-        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layer))
-        self.norm = nn.Parameter(torch.empty(args.n_embd), requires_grad=False)
-        self.lm_head = nn.Parameter(torch.empty(args.n_vocab, args.n_embd), requires_grad=False)
-        self.rope_inv, self.rope_mscale = ops.rope_freqs(args.rope_dim, args.rope_base, args.rope_scaling)
-        self.rope_ggml = None  # (base, freq_scale) for ggml_numerics, set by from_gguf
-        self.freq_factors = None
+        super().__init__(args)
+        self.token_embd = Embedding(args.n_vocab, args.n_embd)
+        self.blk = nn.ModuleList(Block(args) for _ in range(args.n_layer))
+        self.output_norm = RMSNorm(args.n_embd, args.rms_eps)
+        self.output = Linear(args.n_embd, args.n_vocab)
+        self.rope_freqs = Weights(weight=(args.rope_dim // 2,))  # llama3 frequency divisors, when present
 
-    # -- weights ---------------------------------------------------------------------------------
-    _NAMES = {"attn_norm": "attn_norm", "ffn_norm": "ffn_norm", "attn_q": "attn.wq", "attn_k": "attn.wk",
-              "attn_v": "attn.wv", "attn_output": "attn.wo", "ffn_gate": "mlp.gate", "ffn_up": "mlp.up",
-              "ffn_down": "mlp.down"}
-
-    @classmethod
-    def sanitize(cls, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """GGUF tensor names -> parameter names; tied output reuses the embedding."""
-        out = {}
-        for name, t in weights.items():
-            base = name.removesuffix(".weight")
-            if base == "token_embd":
-                out["tok_embd"] = t
-            elif base == "output_norm":
-                out["norm"] = t
-            elif base == "output":
-                out["lm_head"] = t
-            elif base == "rope_freqs":
-                out["freq_factors"] = t
-            elif base.startswith("blk."):
-                _, i, kind = base.split(".", 2)
-                if kind in cls._NAMES:
-                    out[f"layers.{i}.{cls._NAMES[kind]}"] = t
-        if "lm_head" not in out:
-            out["lm_head"] = out["tok_embd"]
-        return out
-
-    @classmethod
-    def from_gguf(cls, f: GGUFFile, device=None, dtype=torch.float32) -> "Model":
-        args = ModelArgs.from_gguf(f)
-        model, weights = build(cls, args, f, device, dtype)
-        inv, model.rope_mscale = ops.rope_freqs(args.rope_dim, args.rope_base, args.rope_scaling)
-        kind = (args.rope_scaling or {}).get("type") or "none"  # ggml's angle recurrence, for ggml_numerics
-        scale = {"none": 1.0, "linear": 1.0 / (args.rope_scaling or {}).get("factor", 1.0)}.get(kind)
-        model.rope_ggml = None if scale is None else (args.rope_base, scale)
-        model.rope_inv = inv.to(model.device)
-        freq = weights.get("freq_factors")
-        model.freq_factors = None if freq is None else freq.float()
-        return model
-
-    # -- memory ----------------------------------------------------------------------------------
-    def make_cache(self, n_ctx: int, n_seq_max: int = 1, dtype=None) -> KVCache:
-        """The KV cache, in the compute dtype unless ``dtype`` or the model's ``cache_types`` (K, V
-        dtypes, as ``-ctk``/``-ctv`` set them) say otherwise."""
+    def loaded(self, f) -> None:
         a = self.args
-        tk, tv = getattr(self, "cache_types", (None, None))
-        if ggml_numerics.is_enabled():  # llama.cpp's default -ctk/-ctv f16
-            tk, tv = tk or torch.float16, tv or torch.float16
-        return KVCache(a.n_layer, n_ctx, n_seq_max, a.n_head_kv, a.head_dim, dtype=dtype or tk or self.dtype,
-                       dtype_v=dtype or tv or self.dtype, device=self.device)
+        inv, self.rope_mscale = kernels.rope_freqs(a.rope_dim, a.rope_base, a.rope_scaling)
+        self.rope_inv = inv.to(self.device)
+        kind = (a.rope_scaling or {}).get("type") or "none"  # ggml's angle recurrence, for ggml numerics
+        scale = {"none": 1.0, "linear": 1.0 / (a.rope_scaling or {}).get("factor", 1.0)}.get(kind)
+        self.rope_ggml = None if scale is None else (a.rope_base, scale)
+        ff = self.rope_freqs.weight
+        self.freq_factors = None if ff is None else ff.float()
 
-    def shift_k(self, cache: KVCache) -> None:
-        """Re-rotate cached K of shifted cells by their position delta (llama.cpp's K-shift)."""
-        cells, deltas = cache.take_shift()
-        if cells.numel() == 0:
-            return
-        c = cells.to(self.device)
-        for layer in range(self.args.n_layer):
-            k = cache.k[layer][:, c].transpose(0, 1)  # (cells, heads, d)
-            # a rotation by the delta; the magnitude scale was applied when the key was stored
-            r = ops.rope(k.to(self.dtype), deltas, self.rope_inv, self.args.rope_neox, self.freq_factors)
-            cache.k[layer][:, c] = r.transpose(0, 1).to(k.dtype)
+    def rope(self, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return kernels.rope(t, pos, self.rope_inv, False, self.freq_factors, self.rope_mscale, self.rope_ggml)
 
-    # -- compute ---------------------------------------------------------------------------------
+    def rotate(self, il: int, k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """K-shift: a rotation by the position delta (no magnitude scale: stored keys carry it)."""
+        return kernels.rope(k.to(self.dtype), delta, self.rope_inv, False, self.freq_factors)
+
+    def make_memory(self, n_ctx: int, n_seq_max: int, numerics: Numerics) -> KVCache:
+        a = self.args
+        tk, tv = numerics.kv_dtypes(self.dtype)
+        return KVCache(a.n_layer, n_ctx, n_seq_max, a.n_head_kv, a.head_dim, dtype=tk, dtype_v=tv,
+                       device=self.device, rotate=self.rotate)
+
     def forward(self, ub, view: KVView) -> torch.Tensor:
-        x = self.tok_embd[ub.tokens.to(self.device)]
-        rope = lambda t, p: ops.rope(t, p, self.rope_inv, self.args.rope_neox, self.freq_factors, self.rope_mscale,  # noqa: E731
-                                     self.rope_ggml)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, ub.pos, i, view, rope)
-        return ops.rms_norm(x, self.norm, self.args.rms_eps)
-
-    def output(self, h: torch.Tensor) -> torch.Tensor:
-        return ops.linear(h, self.lm_head).float()
+        x = self.token_embd(ub.tokens)
+        for il, block in enumerate(self.blk):
+            x = block(x, ub.pos, view.layer(il), self.rope)
+        return self.output_norm(x)

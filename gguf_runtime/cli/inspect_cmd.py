@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gguf_runtime.reader import GGUFFile
+from gguf_runtime.gguf.reader import GGUFFile
 
 COMMAND_KWARGS = {"help": "Show a GGUF file's architecture, metadata and tensors (like gguf-dump, readable)."}
 

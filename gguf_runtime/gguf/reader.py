@@ -29,7 +29,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType
 
 from .dequant import dequantize
-from .errors import GGUFFormatError, GGUFRuntimeError, UnsupportedError
+from ..errors import GGUFFormatError, GGUFRuntimeError, UnsupportedError
 
 V = GGUFValueType
 _SCALARS: dict[GGUFValueType, str] = {  # value type -> struct code (little-endian, standard sizes)

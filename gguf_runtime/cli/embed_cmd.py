@@ -47,10 +47,8 @@ def command(
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if present)"),
     dtype: str = typer.Option("f32", "--dtype", help="compute dtype: f32, f16, bf16"),
 ):
-    from gguf_runtime.embedding import FORMATS, POOLINGS, Embedder, format_embeddings
-    from gguf_runtime.models import load_model
-    from gguf_runtime.reader import GGUFFile
-    from gguf_runtime.tokenizer import Tokenizer
+    from gguf_runtime.cli import common
+    from gguf_runtime.tools.embedding import FORMATS, POOLINGS, Embedder, format_embeddings
 
     if (prompt is None) == (file is None):
         raise GGUFRuntimeError("give the texts with exactly one of -p TEXT or -f FILE")
@@ -68,9 +66,7 @@ def command(
     for name, v in (("-c", ctx_size), ("-ub", ubatch_size), ("-t", threads)):
         if v < 0:
             raise GGUFRuntimeError(f"{name} must not be negative, got {v}")
-    dtypes = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-    if dtype not in dtypes:
-        raise GGUFRuntimeError(f"invalid --dtype '{dtype}' (choose from {', '.join(dtypes)})")
+    common.dtype(dtype)
     if threads:
         torch.set_num_threads(threads)
 
@@ -84,12 +80,11 @@ def command(
         text = prompt
     prompts = process_escapes(text).split(embd_separator)
 
-    f = GGUFFile(model)
-    tok = Tokenizer.from_gguf(f)
-    m = load_model(f, device=device, dtype=dtypes[dtype])
+    common.numerics()
+    f, tok, m = common.open_model(model, device, dtype)
     emb = Embedder(m, pooling, n_batch=batch_size, n_ubatch=ubatch_size or None, n_seq_max=parallel, n_ctx=ctx_size)
     if emb.pooling == "rank":
-        joiner = "".join(tok.token_to_piece(t) for t, on in ((tok.eos_id, tok.add_eos), (tok.sep_id, getattr(tok, "add_sep", False)))
+        joiner = "".join(tok.token_to_piece(t) for t, on in ((tok.eos_id, tok.add_eos), (tok.sep_id, tok.add_sep))
                          if on and t is not None)
         prompts_tok = [joiner.join(p.split(cls_separator)) for p in prompts]
     else:
@@ -97,6 +92,6 @@ def command(
     seqs = [tok.encode(p, add_special=True, parse_special=True) for p in prompts_tok]
     vecs = emb.embed_tokens(seqs, embd_normalize)
     rows = torch.cat(vecs) if emb.pooling == "none" else torch.stack(vecs)
-    labels = list(getattr(m.args, "cls_labels", []) or [])
+    labels = list(m.args.cls_labels)
     sys.stdout.write(format_embeddings(rows, embd_output_format, embd_normalize, prompts, emb.pooling, labels))
     sys.stdout.flush()

@@ -30,22 +30,17 @@ def command(
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if present)"),
     dtype: str = typer.Option("f32", "--dtype", help="compute dtype: f32, f16, bf16"),
 ):
+    from gguf_runtime.cli import common
     from gguf_runtime.context import Context
-    from gguf_runtime.generate import Sampler, SamplerParams, generate
-    from gguf_runtime.models import load_model
-    from gguf_runtime.reader import GGUFFile
-    from gguf_runtime.tokenizer import Tokenizer
+    from gguf_runtime.tools.generate import Sampler, SamplerParams, generate
 
     if n_predict < 0:
         raise GGUFRuntimeError(f"-n must be >= 0, got {n_predict}")
     if threads > 0:
         torch.set_num_threads(threads)
-    dt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
-    if dt is None:
-        raise GGUFRuntimeError(f"unknown --dtype '{dtype}' (use f32, f16 or bf16)")
-    f = GGUFFile(model)
-    tok = Tokenizer.from_gguf(f)
-    m = load_model(f, device=device, dtype=dt)
+    common.dtype(dtype)
+    common.numerics()
+    f, tok, m = common.open_model(model, device, dtype)
     ids = tok.encode(prompt, add_special=True)
     if not ids:
         raise GGUFRuntimeError("the prompt tokenized to nothing and the model adds no BOS: give -p")

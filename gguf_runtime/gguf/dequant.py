@@ -22,7 +22,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gq
 
-from .errors import GGUFFormatError, UnsupportedError
+from ..errors import GGUFFormatError, UnsupportedError
 
 T = GGMLQuantizationType
 Tensor = torch.Tensor

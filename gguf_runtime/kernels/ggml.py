@@ -1,11 +1,11 @@
-"""Opt-in ggml numerics: round activations as llama.cpp's CPU backend does, to reproduce its scores.
+"""ggml numerics (``Numerics(ggml=True)``): round activations as llama.cpp's CPU backend does.
 
 By default gguf-runtime multiplies float32 activations by the dequantized weights, which is what the
 file's weights mean (our logits match transformers on the same file within ~2e-6). llama.cpp's CPU
 backend computes differently: before a matmul with a quantized weight it quantizes each activation row
 to the weight type's ``vec_dot_type`` and multiplies in integers, and it stores K and V in f16. Those
 roundings move a log-probability by ~1e-3, which is enough to flip the odd HellaSwag task whose two
-best endings are that close. With :func:`set_enabled` (CLI: ``--ggml-numerics``) ``ops.linear``
+best endings are that close. With ``Numerics(ggml=True)`` (CLI: ``--ggml-numerics``) ``kernels.linear``
 rounds each activation row exactly as ggml's quantizer does before multiplying, so the products see
 the same inputs as ggml's integer dot products (their sums differ from ggml's only by float32
 rounding); the CLI pairs it with an f16 KV cache.
@@ -25,9 +25,9 @@ ggml's rules (ggml-cpu's ``type_traits_cpu[...].vec_dot_type`` and its x86 quant
 """
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass, field
 
-_state = {"enabled": False}
+import torch
 
 _Q8_0 = {"Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "MXFP4", "NVFP4", "Q1_0", "Q2_0"}
 _Q8_1 = {"Q4_1", "Q5_1", "Q8_1"}
@@ -35,12 +35,25 @@ _Q8_K = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "
          "IQ1_M", "IQ4_XS", "TQ1_0", "TQ2_0"}
 
 
-def set_enabled(on: bool) -> None:
-    _state["enabled"] = bool(on)
+@dataclass(eq=False)
+class FileWeight:
+    """Where a weight came from: its GGUF type and, for the Q4_1/Q5_1 min term, its file bytes."""
+    qtype: str
+    file: object = None  # the GGUFFile
+    name: str = ""
+    _mins: dict = field(default_factory=dict, repr=False)
 
+    def block_mins(self, device) -> torch.Tensor:
+        """The per-block mins (N, K/32) of a Q4_1/Q5_1 weight, read once from the file."""
+        m = self._mins.get(device)
+        if m is None:
+            import numpy as np
 
-def is_enabled() -> bool:
-    return _state["enabled"]
+            bs = {"Q4_1": 20, "Q5_1": 24}[self.qtype]
+            info = self.file.info(self.name)
+            raw = np.asarray(self.file.raw(self.name)).reshape(-1, bs)[:, 2:4].copy().view(np.float16)
+            m = self._mins[device] = torch.from_numpy(raw.astype(np.float32)).view(info.shape[0], -1).to(device)
+        return m
 
 
 def vec_dot_type(ggml_type: str | None) -> str | None:

@@ -19,13 +19,13 @@ app = typer.Typer(
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     invariant: bool = typer.Option(True, "--invariant/--no-invariant",
                                    help="batch-invariant numerics (default); --no-invariant trades them for raw speed"),
 ) -> None:
-    from gguf_runtime import ops
     from gguf_runtime.device import keep_host_memory
 
-    ops.set_invariant(invariant)
+    ctx.obj = {"invariant": invariant}  # read by cli.common.numerics
     keep_host_memory()  # reuse freed activation memory instead of page-faulting fresh maps
 
 

@@ -70,10 +70,9 @@ def command(
                                             "weights, f16 KV cache) to reproduce its scores; default: exact float math"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar on stderr"),
 ):
-    from gguf_runtime import fixtures, tasks
-    from gguf_runtime.models import load_model
-    from gguf_runtime.reader import GGUFFile
-    from gguf_runtime.tokenizer import Tokenizer
+    from gguf_runtime import fixtures
+    from gguf_runtime.cli import common
+    from gguf_runtime.tools import tasks
 
     modes = [n for n, on in (("--hellaswag", hellaswag), ("--winogrande", winogrande),
                              ("--multiple-choice", multiple_choice), ("--kl-divergence", kl_divergence)) if on]
@@ -88,22 +87,13 @@ def command(
         if v <= 0:
             raise GGUFRuntimeError(f"{name} must be positive, got {v}")
     if mode == "perplexity":
-        from gguf_runtime.perplexity import check_batch
+        from gguf_runtime.tools.perplexity import check_batch
 
         check_batch(ctx_size, batch_size)
     if threads > 0:
         torch.set_num_threads(threads)
-    dtypes = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-    dt = dtypes.get(dtype)
-    if dt is None:
-        raise GGUFRuntimeError(f"unknown --dtype '{dtype}' (use f32, f16 or bf16)")
-    cache_types = []
-    for flag, v in (("-ctk", cache_type_k), ("-ctv", cache_type_v)):
-        if v is None:
-            v = "f16" if ggml_numerics else None
-        if v is not None and v not in dtypes:
-            raise GGUFRuntimeError(f"unknown {flag} '{v}' (use f32, f16 or bf16)")
-        cache_types.append(dtypes.get(v))
+    common.dtype(dtype)
+    nx = common.numerics(ggml=ggml_numerics, ctk=cache_type_k, ctv=cache_type_v)
 
     if model is None:
         model = fixtures.smollm2_path()
@@ -115,19 +105,12 @@ def command(
         _info(f"text: {file} (bundled sample; first {chunks} chunks, --chunks -1 for all)")
     if chunks is None:
         chunks = -1
-    f = GGUFFile(model)
-    tok = Tokenizer.from_gguf(f)
-    m = load_model(f, device=device, dtype=dt)
-    if any(cache_types):
-        m.cache_types = tuple(cache_types)
-        if f.arch != "llama":
-            _info(f"-ctk/-ctv: {f.arch} has no KV cache; ignored")
+    f, tok, m = common.open_model(model, device, dtype)
+    if (cache_type_k or cache_type_v) and f.arch in ("mamba", "mamba2", "bert"):
+        _info(f"-ctk/-ctv: {f.arch} has no KV cache; ignored")
     if ggml_numerics:
-        from gguf_runtime import ggml_numerics as gn
-
-        gn.set_enabled(True)
-        _info("ggml numerics: activations rounded to each weight type's vec_dot_type, KV cache "
-              f"{'/'.join(str(t).removeprefix('torch.') for t in m.cache_types) if hasattr(m, 'cache_types') else 'as --dtype'}")
+        kv = "/".join(str(t).removeprefix("torch.") for t in nx.kv_dtypes(m.dtype))
+        _info(f"ggml numerics: activations rounded to each weight type's vec_dot_type, KV cache {kv}")
     bos = tok.bos_id if tok.add_bos else None
 
     if mode == "--kl-divergence":
@@ -169,8 +152,8 @@ def command(
 
 def _perplexity(m, tok, data: bytes, n_ctx: int, n_batch: int, n_ubatch: int, chunks: int, bos: int | None,
                 base_path: Path | None, show: bool) -> None:
-    from gguf_runtime import tasks
-    from gguf_runtime.perplexity import check_params, make_context, perplexity
+    from gguf_runtime.tools import tasks
+    from gguf_runtime.tools.perplexity import check_params, make_context, perplexity
 
     ids = torch.tensor(tok.encode(data.decode("utf-8", errors="replace"), add_special=True), dtype=torch.long)
     n_chunk = check_params(len(ids), n_ctx, n_batch)

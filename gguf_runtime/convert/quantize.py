@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType as F
 
 from gguf_runtime.errors import ConvertError, UnsupportedError
-from gguf_runtime.reader import GGUFFile
+from gguf_runtime.gguf.reader import GGUFFile
 
 from .kquants import BLOCK_BYTES, quantize_k
 from .writer import TensorPlan, add_infos, write_gguf

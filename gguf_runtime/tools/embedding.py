@@ -21,9 +21,9 @@ from typing import Sequence
 
 import torch
 
-from .batch import Batch
-from .context import Context
-from .errors import BatchError, UnsupportedError
+from ..batch import Batch
+from ..context import Context
+from ..errors import BatchError, UnsupportedError
 
 POOLINGS = ("none", "mean", "cls", "last", "rank")
 FORMATS = ("", "array", "json", "json+", "raw")
@@ -32,7 +32,7 @@ _NO_HEAD = "rank pooling needs a classifier head (cls / cls.output tensors); thi
 
 def default_pooling(model) -> str:
     """The file's ``{arch}.pooling_type`` (BERT), else none, as llama.cpp falls back to."""
-    return getattr(model.args, "pooling", "none") or "none"
+    return model.args.pooling or "none"
 
 
 def pool(h: torch.Tensor, seq_ids: Sequence[Sequence[int]], pos: torch.Tensor, pooling: str,
@@ -59,14 +59,14 @@ def pool(h: torch.Tensor, seq_ids: Sequence[Sequence[int]], pos: torch.Tensor, p
     pick = rows[order[torch.cumsum(counts, 0) - 1]]
     out = h[pick.to(h.device)].float()
     if pooling == "rank":
-        if not getattr(model, "has_rank_head", False):
+        if not model.has_rank_head:
             raise UnsupportedError(_NO_HEAD)
         out = model.rank(out)
     return unq.tolist(), out
 
 
 def _is_encoder(model) -> bool:
-    return model is not None and not getattr(model.args, "causal", True)
+    return model is not None and not model.args.causal
 
 
 def normalize(x: torch.Tensor, mode: int) -> torch.Tensor:
@@ -111,7 +111,7 @@ class Embedder:
         self.pooling = pooling or default_pooling(model)
         if self.pooling not in POOLINGS:
             raise UnsupportedError(f"unknown pooling '{self.pooling}' (choose from {', '.join(POOLINGS)})")
-        if self.pooling == "rank" and not getattr(model, "has_rank_head", False):
+        if self.pooling == "rank" and not model.has_rank_head:
             raise UnsupportedError(_NO_HEAD)
         self.n_batch = max(int(n_batch), int(n_ctx or 0))  # llama-embedding: the batch fills the context
         self.n_seq_max = int(n_seq_max)

@@ -10,7 +10,7 @@ batches. The first token of each chunk is replaced by BOS; only the second half 
 differences as llama.cpp does. After each chunk the running ``[i]ppl`` is recorded, and the final
 estimate carries llama.cpp's uncertainty ``ppl * sqrt((<nll^2> - <nll>^2) / (count - 1))``.
 
-The memory comes from the model (``make_cache``), so attention and recurrent models go through the
+The memory comes from the model (``make_memory``), so attention and recurrent models go through the
 same code. Because every op is batch-invariant, the result does not depend on ``n_batch`` /
 ``n_ubatch``: the same PPL to every printed digit.
 
@@ -27,9 +27,9 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .batch import Batch
-from .context import Context
-from .errors import BatchError
+from ..batch import Batch
+from ..context import Context
+from ..errors import BatchError
 
 ChunkHook = Callable[[int, torch.Tensor, torch.Tensor], None]  # (chunk index, logits (n, V), targets (n,))
 

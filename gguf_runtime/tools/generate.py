@@ -10,8 +10,8 @@ from typing import Iterator
 
 import torch
 
-from .batch import Batch
-from .context import Context
+from ..batch import Batch
+from ..context import Context
 
 
 @dataclass

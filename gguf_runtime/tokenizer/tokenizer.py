@@ -29,7 +29,7 @@ from tokenizers import Regex
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, normalizers, pre_tokenizers
 
-from .errors import GGUFFormatError, UnsupportedError
+from ..errors import GGUFFormatError, UnsupportedError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = (
     int(t) for t in (TokenType.NORMAL, TokenType.UNKNOWN, TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.BYTE))
@@ -211,9 +211,9 @@ class Tokenizer:
     def from_gguf(cls, f) -> "Tokenizer":
         """From a ``GGUFFile`` (or a path to one)."""
         if isinstance(f, (str, Path)):
-            from .reader import GGUFFile
+            from ..gguf.reader import GGUFFile
             f = GGUFFile(f)
-        return cls(f.metadata, name=str(getattr(f, "path", "GGUF")))
+        return cls(f.metadata, name=str(f.path))
 
     def __init__(self, meta: dict, name: str = "GGUF"):
         model = meta.get(_K + "model")

@@ -4,13 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import torch
 import typer
 
 from gguf_runtime.errors import GGUFRuntimeError
 
 COMMAND_KWARGS = {"help": "Per-layer drift of the last token between full recompute and cached decode."}
-DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
 def command(
@@ -25,23 +23,21 @@ def command(
     from rich.table import Table
 
     from gguf_runtime import fixtures
-    from gguf_runtime.drift import drift
-    from gguf_runtime.models import load_model
-    from gguf_runtime.reader import GGUFFile
-    from gguf_runtime.tokenizer import Tokenizer
+    from gguf_runtime.cli import common
+    from gguf_runtime.tools.drift import drift
 
-    if dtype not in DTYPES:
-        raise GGUFRuntimeError(f"unknown --dtype '{dtype}' (use f32, f16 or bf16)")
+    common.dtype(dtype)
     if n_tokens < 2:
         raise GGUFRuntimeError(f"-n must be at least 2, got {n_tokens}")
     path = file or fixtures.bundled_text()
     if not Path(path).is_file():
         raise GGUFRuntimeError(f"{path}: no such text file")
-    f = GGUFFile(model)
-    ids = Tokenizer.from_gguf(f).encode(Path(path).read_text(encoding="utf-8", errors="replace"))[:n_tokens]
+    nx = common.numerics()
+    f, tok, m = common.open_model(model, device, dtype)
+    ids = tok.encode(Path(path).read_text(encoding="utf-8", errors="replace"))[:n_tokens]
     if len(ids) < 2:
         raise GGUFRuntimeError(f"{path}: fewer than 2 tokens of text")
-    rows = drift(load_model(f, device=device, dtype=DTYPES[dtype]), ids)
+    rows = drift(m, ids, nx)
     t = Table(title=f"drift: full recompute vs cached prefix + 1 token ({len(ids)} tokens, {dtype})")
     t.add_column("output")
     t.add_column("invariant max|Δ|", justify="right")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .device import resolve_device
+from ..device import resolve_device
 from .reader import GGUFFile
 
 

@@ -1,0 +1,18 @@
+"""Batch-invariant kernels: a row's result never depends on how many other rows share the call.
+
+Every model computes through these, under the :class:`~gguf_runtime.numerics.Numerics` in force:
+
+- :mod:`.linear`: products padded to the calibrated tile (:mod:`.calibrate`);
+- :mod:`.attention`: fixed key blocks in a fixed order (called by memory views' ``attend``);
+- :mod:`.elementwise`: float32 norms, lane-wise transcendental functions;
+- :mod:`.rope`: rotary embeddings; :mod:`.ggml`: llama.cpp's CPU roundings (opt-in);
+- :mod:`.ssm`, :mod:`.ssd`: Mamba's selective scan and Mamba2's SSD scan, aligned to positions.
+"""
+from .attention import attention
+from .calibrate import KV_BLOCK
+from .elementwise import exp, gelu, gelu_tanh, layer_norm, log_softmax, rms_norm, silu, softcap, softplus, tanh
+from .linear import linear
+from .rope import rope, rope_freqs
+
+__all__ = ["attention", "KV_BLOCK", "exp", "gelu", "gelu_tanh", "layer_norm", "log_softmax", "rms_norm", "silu",
+           "softcap", "softplus", "tanh", "linear", "rope", "rope_freqs"]

@@ -1,0 +1,151 @@
+"""Attention over fixed key blocks in a fixed order: a query's result depends only on its own keys.
+
+Memory views (:mod:`gguf_runtime.memory`) call :func:`attention` behind ``attend``; models never
+call it directly.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .. import numerics
+from .calibrate import KV_BLOCK
+from .elementwise import exp_, softcap as _softcap
+from .linear import matmul_rows, pad_dim
+
+_MASKS = WeakIdKeyDictionary()  # attention mask -> its tile pieces
+
+_EXP_FLOOR = float(torch.tensor(-80.0).exp()) * 1.0001  # just above exp(-80) in float32
+Q_TILE = 64  # queries per tile: a tile computes only the key blocks some of its queries can see
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+              softcap: float = 0.0) -> torch.Tensor:
+    """Attention of query groups over their key sequences.
+
+    q: ([B,] n_head, n_q, d); k, v: ([B,] n_head_kv, n_kv, d), each group's keys in its sequence's
+    position order; mask: ([B,] n_q, n_kv) bool, True where the key is visible. Returns
+    ([B,] n_q, n_head, d_v). ``B`` groups of equal shape are computed in one call.
+
+    Invariant mode: keys fall in blocks of ``KV_BLOCK`` aligned to their rank (the KV cache's plan
+    already pads each key list to whole blocks with a zero cell; other callers are padded here).
+    Queries are taken in tiles of ``Q_TILE``; a tile computes the scores of key blocks 0 to the last
+    one any of its queries sees (one product per tile when the self-test found score columns
+    invariant, else one per block), the exact row max, ``exp`` lane-wise, and per block the row sums
+    and ``p @ V`` with a fixed 64-long reduction; the per-block partials are then added as a
+    zero-padded pairwise tree aligned to block 0. A block a query cannot see contributes exact
+    zeros to its sums, so how many blocks a tile computes, which queries share it and how many keys
+    follow change no bit of a query's result. The ``g`` query heads sharing a KV head are stacked as rows of one product
+    (no K/V copies for grouped-query attention), and the row count is padded as a whole.
+    """
+    if q.dim() == 3:
+        return attention(q[None], k[None], v[None], mask[None], scale, softcap)[0]
+    B, h, nq, d = q.shape
+    hkv, nkv, dv = k.shape[1], k.shape[2], v.shape[3]
+    g = h // hkv
+    out_dtype = q.dtype
+    nx = numerics.current()
+    if not nx.invariant:  # fastest path: fused SDPA, whose reduction order depends on shapes
+        kk = k.repeat_interleave(g, 1) if g > 1 else k
+        vv = v.repeat_interleave(g, 1) if g > 1 else v
+        m4 = mask[:, None]
+        if softcap:
+            s = torch.matmul(q, kk.transpose(-1, -2)).float() * scale
+            s = (torch.tanh(s / softcap) * softcap).masked_fill(~m4, float("-inf"))
+            o = torch.matmul(torch.softmax(s, -1).to(vv.dtype), vv)
+        else:
+            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=m4, scale=scale)
+        return o.transpose(1, 2).to(out_dtype)
+    KV = KV_BLOCK
+    nb = max(1, -(-nkv // KV))
+    derived = _MASKS.get(mask)  # the layers of a ubatch share one mask: derive its pieces once
+    if derived is None:
+        derived = _MASKS[mask] = {}
+    if nb * KV != nkv:
+        k, v, mask = pad_dim(k, nb * KV, 2), pad_dim(v, nb * KV, 2), pad_dim(mask, nb * KV, 2)
+    k, v = k.contiguous(), v.contiguous()  # one copy; the products then read K transposed in place
+    kT = k.transpose(-1, -2)  # (B, hkv, d, n_kv)
+    vb = v.view(B, hkv, nb, KV, dv)
+    if nq > Q_TILE:  # (nq, nb): the blocks each query sees something in
+        vis = derived.get("vis")
+        if vis is None:
+            vis = mask.view(B, nq, nb, KV).any(-1)
+            vis = derived["vis"] = vis.any(0) if B > 1 else vis[0]
+    cols = nx.linear_rule().mm_cols
+    qg = q.view(B, hkv, g, nq, d)
+    out = torch.empty(B, hkv, g, nq, dv, dtype=torch.float32, device=q.device) if nq > Q_TILE else None
+    for t0 in range(0, nq, Q_TILE):
+        t1 = min(nq, t0 + Q_TILE)
+        nt = t1 - t0
+        r = g * nt  # the g query heads of a KV head, stacked as rows: row j * nt + i is head j, query i
+        m = matmul_rows(r)
+        # blocks 0 .. nbt-1: from block 0, because the cross-block sum is a tree aligned to it
+        if out is None:  # a single tile (decode, short prompts): every block, no host sync
+            nbt = nb
+        else:
+            seen = vis[t0:t1].any(0).nonzero().flatten().tolist()
+            if not seen:  # no visible key (cannot happen for a causal query, which sees itself)
+                out[:, :, :, t0:t1] = 0
+                continue
+            nbt = seen[-1] + 1
+        if m == r:
+            qt = qg[:, :, :, t0:t1].reshape(B, hkv, r, d)
+        else:  # one zeroed buffer and one copy (not reshape-copy, then concatenate)
+            qt = q.new_zeros(B, hkv, m, d)
+            qt[:, :, :r].view(B, hkv, g, nt, d).copy_(qg[:, :, :, t0:t1])
+        if cols:  # one product for all the tile's blocks: (B, hkv, m, nbt*KV)
+            s = torch.matmul(qt, kT[..., :nbt * KV])
+        else:  # one fixed-shape product per block
+            s = torch.matmul(qt.unsqueeze(2), kT[..., :nbt * KV].unflatten(-1, (nbt, KV)).transpose(2, 3)
+                             ).transpose(2, 3).reshape(B, hkv, m, nbt * KV)
+        s = s.float() if s.dtype != torch.float32 else s
+        s.mul_(scale)
+        if softcap:
+            s = _softcap(s, softcap)
+        hidden = derived.get((t0, nbt, g, m))
+        if hidden is None:
+            mt = mask[:, t0:t1, :nbt * KV]  # (B, nt, nbt*KV)
+            mt = pad_dim(mt.repeat(1, g, 1) if g > 1 else mt, m, 1)  # (B, m, nbt*KV), rows as in qt
+            hidden = derived[(t0, nbt, g, m)] = ~mt[:, None]
+        s.masked_fill_(hidden, float("-inf"))
+        mx = s.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)  # exact: order-free
+        # exp of anything that underflows (x < -87.3, -inf included) takes a slow path on x86
+        # (5-20x), so exponentiate max(x, -80) and zero every result <= exp(-80): masked keys stay
+        # exact zeros, and terms < 1.9e-35 against a row sum >= 1 (the max key gives exp(0)) are flushed
+        p = F.threshold_(exp_(s.sub_(mx).clamp_(min=-80.0)), _EXP_FLOOR, 0.0).view(B, hkv, m, nbt, KV)
+        l_b = p.sum(-1)  # (B, hkv, m, nbt): fixed-length row sums
+        o_b = torch.matmul(p.transpose(2, 3).to(v.dtype), vb[:, :, :nbt])  # (B, hkv, nbt, m, dv)
+        o_b = o_b.float() if o_b.dtype != torch.float32 else o_b
+        l_sum, o_sum = _tree_sum(l_b, -1), _tree_sum(o_b, 2)
+        o = (o_sum / l_sum.clamp_min(1e-30).unsqueeze(-1))[:, :, :r].view(B, hkv, g, nt, dv)
+        if out is None:
+            return o.reshape(B, h, nq, dv).transpose(1, 2).to(out_dtype)
+        out[:, :, :, t0:t1] = o
+    return out.view(B, h, nq, dv).transpose(1, 2).to(out_dtype)
+
+
+def _tree_sum(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum over the key-block axis ``dim`` as a pairwise tree aligned to block 0 — (0+1), (2+3), ...
+    level by level, an odd last element passing up unchanged (as if added to a zero block). For a
+    query whose visible blocks end at ``j`` every block past ``j`` is exact zeros, and so is every
+    tree node above only such blocks; the result is therefore the same for any number of trailing
+    blocks, in log2 steps instead of one add per block."""
+    d = dim % t.dim()
+    while t.shape[d] > 1:
+        n = t.shape[d]
+        half = n // 2
+        if n % 2 == 0 or t.numel() < 65536:  # pairs summed in one kernel (a small tensor padded with a zero block)
+            t = pad_dim(t, n + n % 2, d).unflatten(d, (-1, 2)).sum(d + 1)
+            continue
+        even, odd = t.narrow(d, 0, 2 * half).unflatten(d, (half, 2)).unbind(d + 1)
+        if n % 2:
+            shape = list(t.shape)
+            shape[d] = half + 1
+            nxt = t.new_empty(shape)
+            torch.add(even, odd, out=nxt.narrow(d, 0, half))
+            nxt.narrow(d, half, 1).copy_(t.narrow(d, n - 1, 1))
+            t = nxt
+        else:
+            t = even + odd
+    return t.squeeze(d)

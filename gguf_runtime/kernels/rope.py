@@ -1,0 +1,62 @@
+"""Rotary position embeddings: frequencies for GGUF's RoPE scaling kinds and the rotation itself."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import numerics
+from ..errors import UnsupportedError
+from . import ggml
+
+def rope_freqs(dim: int, base: float, scaling: dict | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (dim/2,) in float32 and the cos/sin magnitude scale, for the RoPE scaling
+    kinds GGUF metadata names (``{arch}.rope.scaling.type``): none, linear (positions / factor) and
+    yarn (ggml's ramp between interpolated and extrapolated frequencies over the correction dims
+    from beta_fast/beta_slow, magnitude ``attn_factor * (1 + 0.1 ln factor)``). Llama-3 style
+    scaling arrives as the ``rope_freqs`` tensor (per-pair frequency divisors) instead."""
+    i = torch.arange(0, dim, 2, dtype=torch.float64)
+    inv = 1.0 / (base ** (i / dim))
+    mscale = 1.0
+    kind = (scaling or {}).get("type", "none")
+    if kind == "linear":
+        inv = inv / scaling["factor"]
+    elif kind == "yarn":
+        factor = scaling["factor"]
+        n_orig = scaling.get("original_context_length") or 4096
+        corr = lambda n_rot: dim * math.log(n_orig / (n_rot * 2 * math.pi)) / (2 * math.log(base))  # noqa: E731
+        lo = max(0.0, math.floor(corr(scaling.get("beta_fast", 32.0))))
+        hi = min(dim - 1.0, math.ceil(corr(scaling.get("beta_slow", 1.0))))
+        ramp = 1 - ((i / 2 - lo) / max(0.001, hi - lo)).clamp(0, 1)  # 1 = keep extrapolated frequency
+        inv = (inv / factor) * (1 - ramp) + inv * ramp
+        mscale = scaling.get("attn_factor", 1.0) * (1.0 + 0.1 * math.log(factor))
+    elif kind not in ("none", None):
+        raise UnsupportedError(f"unsupported RoPE scaling type '{kind}' (supported: none, linear, yarn)")
+    return inv.float(), mscale
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, neox: bool, freq_factors: torch.Tensor | None = None,
+         mscale: float = 1.0, ggml_theta: tuple[float, float] | None = None) -> torch.Tensor:
+    """Rotate x (n, heads, d_rot...) at integer positions ``pos`` (n,). Normal (GPT-J/llama.cpp
+    'norm') rotates adjacent pairs; NeoX rotates halves. Angles in float32 as ggml computes them."""
+    d = inv_freq.numel() * 2
+    xr, xp = x[..., :d], x[..., d:]
+    inv = inv_freq.to(x.device)
+    if freq_factors is not None:
+        inv = inv / freq_factors.to(x.device)
+    if ggml_theta is not None and numerics.current().ggml:  # (base, freq_scale): ggml's angle recurrence
+        theta = ggml.rope_theta(pos.to(x.device), d // 2, ggml_theta[0], ggml_theta[1], freq_factors)
+    else:
+        theta = pos.to(x.device, torch.float32).unsqueeze(-1) * inv  # (n, d/2)
+    cos, sin = theta.cos().unsqueeze(1), theta.sin().unsqueeze(1)
+    if mscale != 1.0:
+        cos, sin = cos * mscale, sin * mscale
+    xf = xr.float()
+    if neox:
+        a, b = xf[..., : d // 2], xf[..., d // 2:]
+        r = torch.cat([a * cos - b * sin, a * sin + b * cos], -1)
+    else:
+        a, b = xf[..., 0::2], xf[..., 1::2]
+        r = torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
+    r = r.to(x.dtype)
+    return r if xp.shape[-1] == 0 else torch.cat([r, xp], -1)

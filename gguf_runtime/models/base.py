@@ -1,0 +1,156 @@
+"""The model contract every architecture implements, and the one loader that fills them all.
+
+A model is an ``nn.Module`` whose module tree is named as its GGUF tensors (:mod:`.layers`):
+``blk[0].attn_q.weight`` is ``blk.0.attn_q.weight``. It declares
+
+- ``Args``: a :class:`ModelArgs` subclass read from the file through :class:`~gguf_runtime.gguf.hparams.HParams`
+  (every model has ``n_vocab``, ``n_embd``, ``n_layer``, ``n_ctx_train``, ``causal``, ``pooling``);
+- ``make_memory(n_ctx, n_seq_max, numerics)``: the memory it needs (KV cache, recurrent slots, ...);
+- ``forward(ubatch, view)``: final hidden states ``(n_tokens, n_embd)`` of one ubatch;
+- ``logits(h)``: float32 logits of output rows;
+- optionally ``optional`` (modules that may be absent), ``transforms`` (tensor kind -> function, where a file's layout really differs from the
+  math's) and ``reshape`` (kinds that may arrive with the same elements in another shape).
+
+:meth:`Model.from_gguf` reads the args, builds the module on the meta device, and
+:func:`load_weights` fills every parameter from the tensor of the same name: a tied ``output``
+falls back to ``token_embd``, optional tensors (``Linear(..., bias="optional")``) stay ``None`` when
+absent, and a missing or mis-shaped tensor is one ``GGUFFormatError`` line, checked before the
+tensor is dequantized.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from ..batch import UBatch
+from ..device import resolve_device
+from ..errors import GGUFFormatError, UnsupportedError
+from ..gguf.hparams import HParams
+from ..gguf.reader import GGUFFile
+from ..kernels.ggml import FileWeight
+from ..memory.base import Memory
+from ..numerics import Numerics
+from .layers import LayerNorm, Linear
+
+
+@dataclass
+class ModelArgs:
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_ctx_train: int
+    causal: bool = True
+    pooling: str = "none"  # llama.cpp's pooling type for embeddings (none, mean, cls, last, rank)
+    tied: bool = False  # no ``output.weight``: the output reuses ``token_embd``
+    cls_labels: list[str] = field(default_factory=list)  # a classifier head's labels (rank pooling)
+
+    @classmethod
+    def from_gguf(cls, hp: HParams) -> "ModelArgs":
+        raise NotImplementedError
+
+
+class Model(nn.Module, ABC):
+    Args: ClassVar[type[ModelArgs]]
+    transforms: ClassVar[dict[str, Callable[[torch.Tensor], torch.Tensor]]] = {}
+    reshape: ClassVar[frozenset[str]] = frozenset()
+    ties: ClassVar[dict[str, str]] = {"output.weight": "token_embd.weight"}
+    optional: ClassVar[frozenset[str]] = frozenset()  # modules whose tensors may be absent (``rope_freqs``)
+    has_rank_head: ClassVar[bool] = False
+
+    args: ModelArgs
+    device: torch.device
+    dtype: torch.dtype
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+
+    @classmethod
+    def from_gguf(cls, f: GGUFFile, device=None, dtype=torch.float32) -> "Model":
+        args = cls.Args.from_gguf(HParams(f))
+        args.tied = "output.weight" not in f.tensor_infos
+        with torch.device("meta"):
+            model = cls(args)
+        model.device, model.dtype = resolve_device(device), dtype
+        load_weights(model, f)
+        model.loaded(f)
+        return model.eval()
+
+    def loaded(self, f: GGUFFile) -> None:
+        """Called once the weights are in (tables that live on the model's device)."""
+
+    @abstractmethod
+    def make_memory(self, n_ctx: int, n_seq_max: int, numerics: Numerics) -> Memory: ...
+
+    @abstractmethod
+    def forward(self, ub: UBatch, view) -> torch.Tensor: ...
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.output
+        if out is None:
+            raise UnsupportedError(f"{type(self).__module__.rsplit('.', 1)[-1]} has no language-model head: "
+                                   f"create the context with embeddings=True")
+        return out(h).float()
+
+    def rank(self, h: torch.Tensor) -> torch.Tensor:
+        raise UnsupportedError("this model has no classifier head for rank pooling")
+
+
+def _kind(name: str) -> str:
+    """``blk.3.ssm_a`` -> ``ssm_a``; ``token_embd.weight`` -> ``token_embd.weight``."""
+    parts = name.split(".")
+    return ".".join(parts[2:]) if parts[0] == "blk" and len(parts) > 2 else name
+
+
+def load_weights(model: Model, f: GGUFFile) -> None:
+    """Fill every parameter of ``model`` from the GGUF tensor of the same name (see the module docstring)."""
+    where, arch = f.path.name, f.arch
+    cache: dict[str, torch.Tensor] = {}  # a tied output shares the embedding's tensor
+    kinds = type(model)
+    for mod_name, mod in model.named_modules():
+        for pname, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            name = f"{mod_name}.{pname}" if mod_name else pname
+            src = name
+            if src not in f.tensor_infos and kinds.ties.get(name) in f.tensor_infos:
+                src = kinds.ties[name]
+            if src not in f.tensor_infos:
+                if isinstance(mod, (Linear, LayerNorm)) and pname in mod.optional:
+                    setattr(mod, pname, None)
+                    continue
+                if mod_name in kinds.optional:
+                    setattr(mod, pname, None)
+                    continue
+                raise GGUFFormatError(f"{where}: {arch} tensor missing: {name}")
+            info = f.tensor_infos[src]
+            kind = _kind(name)
+            if tuple(info.shape) != tuple(p.shape) and kind not in kinds.transforms:
+                if not (kind in kinds.reshape and _numel(info.shape) == p.numel()):
+                    raise GGUFFormatError(f"{where}: {arch} tensor {src} has shape {tuple(info.shape)}, "
+                                          f"expected {tuple(p.shape)} from the metadata")
+            t = cache.get(src)
+            if t is None:
+                t = cache[src] = f.tensor(src, device=model.device, dtype=model.dtype)
+            if kind in kinds.transforms:
+                t = kinds.transforms[kind](t)
+                if t.numel() != p.numel():
+                    raise GGUFFormatError(f"{where}: {arch} tensor {src} has shape {tuple(info.shape)}, "
+                                          f"expected {tuple(p.shape)} from the metadata")
+            if tuple(t.shape) != tuple(p.shape):
+                t = t.reshape(p.shape)
+            setattr(mod, pname, nn.Parameter(t, requires_grad=False))
+            if isinstance(mod, Linear) and pname == "weight":
+                mod.source = FileWeight(info.qtype.name, f, src)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+

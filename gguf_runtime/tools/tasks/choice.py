@@ -1,0 +1,290 @@
+"""HellaSwag, WinoGrande and multiple choice: endings scored by mean log-probability, the
+common prefix decoded once and copied to every ending's sequence."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ...batch import Batch
+from ...context import Context
+from ..perplexity import token_nll
+from .data import Emit, HellaSwagTask, MCTask, TaskError, WinograndeTask
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class _Item:
+    seqs: list[list[int]]
+    cp: int  # tokens common to all sequences
+    all_outputs: bool  # logits for every ending token (WinoGrande) or all but the last
+
+    @property
+    def required(self) -> int:
+        return self.cp + sum(len(s) - self.cp for s in self.seqs)
+
+
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    for k in range(n):
+        if any(s[k] != seqs[0][k] for s in seqs[1:]):
+            return k
+    return n
+
+
+def make_task_context(model, n_ctx: int = 512, n_batch: int = 2048, n_ubatch: int = 512,
+                      n_parallel: int = 4, max_seqs: int = 128) -> Context:
+    """llama-perplexity's task context (n_parallel * n_ctx cells), with up to ``max_seqs`` sequences so
+    several tasks share a decode (results are the same, packing is only faster)."""
+    cells = max(4, n_parallel) * n_ctx
+    return Context(model, n_ctx=cells, n_batch=min(n_batch, cells), n_ubatch=n_ubatch, n_seq_max=max_seqs)
+
+
+def _decode_chunked(ctx: Context, toks: list[int], pos: list[int], sids: list[int], outs: list[bool],
+                    rows: list[torch.Tensor]) -> None:
+    for a in range(0, len(toks), ctx.n_batch):
+        b = a + ctx.n_batch
+        ctx.decode(Batch(toks[a:b], pos[a:b], [(s,) for s in sids[a:b]], outs[a:b]))
+        if any(outs[a:b]):
+            rows.append(ctx.get_logits())
+
+
+def decode_items(ctx: Context, items: Sequence[_Item], on_group: Callable[[int, int, list[torch.Tensor]], None]) -> None:
+    """Decodes items packed into as few rounds as fit; calls ``on_group(i0, i1, logits)`` with, for
+    each item, its logits in llama.cpp's order: the common prefix's last token, then each sequence's
+    tokens from the prefix on (all, or all but the last)."""
+    i0 = 0
+    while i0 < len(items):
+        i1, n_cur, n_seq = i0, 0, 0
+        while i1 < len(items) and n_cur + items[i1].required <= ctx.n_ctx and n_seq + len(items[i1].seqs) <= ctx.n_seq_max:
+            n_cur += items[i1].required
+            n_seq += len(items[i1].seqs)
+            i1 += 1
+        if i1 == i0:
+            it = items[i0]
+            if len(it.seqs) > ctx.n_seq_max:
+                raise TaskError(f"task {i0} has {len(it.seqs)} answers but the context holds {ctx.n_seq_max} sequences")
+            raise TaskError(f"task {i0} does not fit in the context window (requires {it.required} tokens, "
+                            f"context has {ctx.n_ctx}); increase -c")
+        ctx.memory.clear()
+        group = items[i0:i1]
+        base = np.cumsum([0] + [len(it.seqs) for it in group]).tolist()
+        toks, pos, sids, outs = [], [], [], []
+        for it, s0 in zip(group, base):
+            toks += it.seqs[0][:it.cp]
+            pos += range(it.cp)
+            sids += [s0] * it.cp
+            outs += [False] * (it.cp - 1) + [True]
+        prefix_rows: list[torch.Tensor] = []
+        _decode_chunked(ctx, toks, pos, sids, outs, prefix_rows)
+        prefix = torch.cat(prefix_rows)
+        for it, s0 in zip(group, base):
+            for s in range(1, len(it.seqs)):
+                ctx.memory.seq_cp(s0, s0 + s, -1, -1)
+        toks, pos, sids, outs = [], [], [], []
+        counts = []
+        for it, s0 in zip(group, base):
+            n = 0
+            for s, seq in enumerate(it.seqs):
+                m = len(seq) - it.cp
+                toks += seq[it.cp:]
+                pos += range(it.cp, len(seq))
+                sids += [s0 + s] * m
+                o = [True] * m if it.all_outputs else [True] * (m - 1) + [False] * min(m, 1)
+                outs += o
+                n += sum(o)
+            counts.append(n)
+        end_rows: list[torch.Tensor] = []
+        if toks:
+            _decode_chunked(ctx, toks, pos, sids, outs, end_rows)
+        ends = torch.cat(end_rows) if end_rows else prefix[:0]
+        offs = np.cumsum([0] + counts).tolist()
+        on_group(i0, i1, [torch.cat([prefix[k:k + 1], ends[offs[k]:offs[k + 1]]]) for k in range(len(group))])
+        i0 = i1
+
+
+def _logprobs(logits: torch.Tensor, rows: list[int], targets: list[int]) -> np.ndarray:
+    if not rows:
+        return np.zeros(0)
+    r = torch.tensor(rows, device=logits.device)
+    return (-token_nll(logits[r], torch.tensor(targets))).cpu().numpy()
+
+
+def _mean_ending_logprobs(logits: torch.Tensor, it: _Item) -> list[float]:
+    """HellaSwag / multiple choice: per sequence, the mean log-prob of its tokens from the prefix on."""
+    rows, targets, owner = [], [], []
+    li = 1
+    for s, seq in enumerate(it.seqs):
+        rows.append(0)
+        targets.append(seq[it.cp])
+        owner.append(s)
+        for j in range(it.cp, len(seq) - 1):
+            rows.append(li)
+            targets.append(seq[j + 1])
+            owner.append(s)
+            li += 1
+    lp = _logprobs(logits, rows, targets)
+    owner_a = np.array(owner)
+    return [float(lp[owner_a == s].mean()) for s in range(len(it.seqs))]
+
+
+def _check_prefix(items: list[_Item], what: str) -> None:
+    for k, it in enumerate(items):
+        if it.cp == 0:
+            raise TaskError(f"{what} task {k}: its sequences share no first token (the model adds no BOS); "
+                            f"cannot score")
+        if any(len(s) <= it.cp for s in it.seqs):
+            raise TaskError(f"{what} task {k}: an ending adds no token to the shared context")
+
+
+def wilson(acc: int, n: int) -> tuple[float, float]:
+    """Wilson score 95% interval of acc/n, as llama.cpp prints it (fractions)."""
+    za = 1.95996398454
+    freq = acc / n
+    z = za * za / n
+    cnf = z * math.sqrt(n * (4.0 * freq * (1 - freq) + z)) / (za + za)
+    return (freq + z * 0.5 - cnf) / (1.0 + z), (freq + z * 0.5 + cnf) / (1.0 + z)
+
+
+@dataclass
+class ChoiceResult:
+    n_tasks: int
+    n_correct: int
+    correct: list[bool]  # per task, in scoring order
+    scores: list[list[float]]  # per task, per choice
+    seconds: float = 0.0
+
+    def add(self, ok: bool, scores: list[float]) -> None:
+        self.n_correct += ok
+        self.correct.append(ok)
+        self.scores.append(scores)
+
+    @property
+    def accuracy(self) -> float:
+        return self.n_correct / self.n_tasks if self.n_tasks else 0.0
+
+    @property
+    def tasks_per_s(self) -> float:
+        return self.n_tasks / self.seconds if self.seconds else 0.0
+
+
+def _argmax_first(v: Sequence[float]) -> int:
+    best = 0
+    for s in range(1, len(v)):
+        if v[s] > v[best]:
+            best = s
+    return best
+
+
+def _score_endings(ctx: Context, tokenizer, prompts: Sequence[tuple[str, Sequence[str]]], what: str,
+                   verdict: Callable[[int, int], bool], line: Callable[[int, ChoiceResult], str],
+                   emit: Emit, progress: Progress | None) -> ChoiceResult:
+    """HellaSwag / multiple choice: ``tokenize(question + " " + answer)`` with BOS for each answer,
+    each scored by the mean log-prob of its tokens after the shared prefix; ``verdict(k, best)``."""
+    items = [_Item([tokenizer.encode(q + " " + a, add_special=True) for a in answers], 0, False) for q, answers in prompts]
+    for it in items:
+        it.cp = common_prefix(it.seqs)
+    _check_prefix(items, what)
+    res = ChoiceResult(len(items), 0, [], [])
+    t0 = time.perf_counter()
+
+    def on_group(i0, i1, logits):
+        for k in range(i0, i1):
+            v = _mean_ending_logprobs(logits[k - i0], items[k])
+            res.add(verdict(k, _argmax_first(v)), v)
+            emit(line(k, res))
+        if progress:
+            progress(i1, len(items))
+
+    decode_items(ctx, items, on_group)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def hellaswag(ctx: Context, tokenizer, tasks: Sequence[HellaSwagTask], emit: Emit | None = None,
+              progress: Progress | None = None) -> ChoiceResult:
+    """Scores HellaSwag tasks (already selected, see :func:`select_hellaswag`) as llama.cpp does and
+    emits its lines: the header, then ``task<TAB>acc_norm%<TAB>[lo%, hi%]`` per task."""
+    emit = emit or (lambda s: None)
+    emit("\ntask\tacc_norm\t95% confidence interval")
+
+    def line(k: int, r: ChoiceResult) -> str:
+        lo, hi = wilson(r.n_correct, k + 1)
+        return f"{k + 1}\t{100.0 * r.n_correct / (k + 1):3.8f}%\t[{lo * 100.0:3.4f}%, {hi * 100.0:3.4f}%]"
+
+    res = _score_endings(ctx, tokenizer, [(t.context, t.endings) for t in tasks], "HellaSwag",
+                         lambda k, best: best == tasks[k].gold, line, emit, progress)
+    emit("")
+    return res
+
+
+def multiple_choice(ctx: Context, tokenizer, tasks: Sequence[MCTask], emit: Emit | None = None,
+                    progress: Progress | None = None) -> ChoiceResult:
+    """Scores multiple-choice tasks (mc1) as llama.cpp does: ``question + " " + answer``, mean
+    log-prob of each answer's tokens, correct when the best answer's label is 1."""
+    for k, t in enumerate(tasks):
+        if not t.question or not t.answers or any(not a for a in t.answers):
+            raise TaskError(f"multiple-choice task {k} has an empty question or answer")
+    emit = emit or (lambda s: None)
+    emit("\ntask\tacc_norm")
+    res = _score_endings(ctx, tokenizer, [(t.question, t.answers) for t in tasks], "multiple-choice",
+                         lambda k, best: tasks[k].labels[best] == 1,
+                         lambda k, r: f"{k + 1}\t{100.0 * r.n_correct / (k + 1):.8f}", emit, progress)
+    # llama.cpp's guard against printing this for < 100 tasks never triggers: it is always printed
+    n_answers = sum(len(t.answers) for t in tasks)
+    f32 = np.float32
+    emit("")
+    for name, p in (("Final result", f32(res.n_correct) / f32(res.n_tasks)), ("Random chance", f32(res.n_tasks) / f32(n_answers))):
+        sigma = math.sqrt(p * (1 - p) / (res.n_tasks - 1)) if res.n_tasks > 1 else 0.0
+        emit(f"{name}: {100.0 * p:.4f} +/- {100.0 * sigma:.4f}")
+    return res
+
+
+def winogrande(ctx: Context, tokenizer, tasks: Sequence[WinograndeTask], emit: Emit | None = None,
+               progress: Progress | None = None) -> ChoiceResult:
+    """Scores WinoGrande tasks as llama.cpp does; emits ``i<TAB>acc<TAB>score1  score2  result  answer``."""
+    k_min_trailing = 3
+    items, bases = [], []
+    for t in tasks:
+        seqs = [tokenizer.encode(t.first + c + t.second, add_special=True) for c in t.choices]
+        items.append(_Item(seqs, common_prefix(seqs), True))
+        bases.append([len(tokenizer.encode(t.first + c, add_special=True)) for c in t.choices])
+    _check_prefix(items, "WinoGrande")
+    emit = emit or (lambda s: None)
+    res = ChoiceResult(len(tasks), 0, [], [])
+    t0 = time.perf_counter()
+
+    def on_group(i0, i1, logits):
+        for k in range(i0, i1):
+            it, (s0, s1), cp = items[k], items[k].seqs, items[k].cp
+            skip = len(s0) - cp > k_min_trailing and len(s1) - cp > k_min_trailing
+            scores = []
+            for c, seq in enumerate((s0, s1)):
+                nb = bases[k][c] if skip else cp
+                last = 1 if len(seq) - nb > 1 else 0
+                # row of token j's logits: prefix last at 0, then seq 0's tokens, then seq 1's; for the
+                # second sequence llama.cpp starts one row early when the choice is not skipped
+                li = nb - cp if c == 0 else len(s0) - cp + nb - cp
+                js = list(range(nb - 1, len(seq) - 1 - last))
+                lp = _logprobs(logits[k - i0], list(range(li, li + len(js))), [seq[j + 1] for j in js])
+                n = len(seq) - nb - last
+                scores.append(float(np.float32(lp.astype(np.float32).sum(dtype=np.float32)) / np.float32(n)) if n else float("nan"))
+            result = 1 if scores[0] > scores[1] else 2
+            res.add(result == tasks[k].answer, scores)
+            emit(f"{k + 1}\t{100.0 * res.n_correct / (k + 1):.4f}\t{scores[0]:10.6f}  {scores[1]:10.6f}  {result}  {tasks[k].answer}")
+        if progress:
+            progress(i1, len(items))
+
+    decode_items(ctx, items, on_group)
+    res.seconds = time.perf_counter() - t0
+    emit("")
+    if res.n_tasks >= 100:
+        p = np.float32(res.n_correct) / np.float32(res.n_tasks)
+        sigma = 100.0 * math.sqrt(p * (1 - p) / (res.n_tasks - 1))
+        emit(f"Final Winogrande score({res.n_tasks} tasks): {100 * p:.4f} +/- {sigma:.4f}")
+    return res
