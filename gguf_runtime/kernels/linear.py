@@ -35,11 +35,15 @@ def _packed(w: torch.Tensor) -> torch.Tensor:
     return hit[1]
 
 
-def mm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, backend: str) -> torch.Tensor:
-    """One product on ``backend`` (oneDNN only for CPU float32/bfloat16; else ``F.linear``)."""
+def mm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, backend: str, fresh: bool = False) -> torch.Tensor:
+    """One product on ``backend`` (oneDNN only for CPU float32/bfloat16; else ``F.linear``).
+    ``fresh``: ``w`` is a scratch buffer rewritten between calls (lazy weights), so its blocked
+    copy is made for this call only, never cached."""
     if backend != "blas" and x.device.type == "cpu" and x.dtype == w.dtype and x.dtype in (torch.float32, torch.bfloat16) \
             and (b is None or b.dtype == x.dtype):
-        return _onednn_linear(x.contiguous(), _packed(w) if backend == "onednn-packed" else w, b)
+        if backend == "onednn-packed":
+            w = torch.ops.mkldnn._reorder_linear_weight(w, None) if fresh else _packed(w)
+        return _onednn_linear(x.contiguous(), w, b)
     return F.linear(x, w, b)
 
 
@@ -59,21 +63,23 @@ def pad_dim(x: torch.Tensor, m: int, dim: int) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
-           source: ggml.FileWeight | None = None) -> torch.Tensor:
+           source: ggml.FileWeight | None = None, fresh: bool = False) -> torch.Tensor:
     """``x @ w.T (+ b)`` for x of shape (..., K), w of shape (N, K). ``source``: the weight's GGUF
-    type (and file, for Q4_1/Q5_1 block mins), which ggml numerics round the activations for."""
+    type (and file, for Q4_1/Q5_1 block mins), which ggml numerics round the activations for.
+    ``fresh``: ``w`` is a reused scratch buffer (see :func:`mm`); the product is the same."""
     nx = numerics.current()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if nx.ggml and source is not None:
-        return _ggml_linear(x2, w, b, source, nx).reshape(*lead, w.shape[0])
-    return _linear2(x2, w, b, nx).reshape(*lead, w.shape[0])
+        return _ggml_linear(x2, w, b, source, nx, fresh).reshape(*lead, w.shape[0])
+    return _linear2(x2, w, b, nx, fresh).reshape(*lead, w.shape[0])
 
 
-def _linear2(x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, nx: numerics.Numerics) -> torch.Tensor:
+def _linear2(x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, nx: numerics.Numerics,
+             fresh: bool = False) -> torch.Tensor:
     r = nx.linear_rule()
     if not nx.invariant:
-        return mm(x2, w, b, r.backend)
+        return mm(x2, w, b, r.backend, fresh)
     n = x2.shape[0]
     m = padded_rows(n, r.min_rows, r.multiple)
     if m != n and n < r.min_rows and _few_rows_ok(n, w, x2.device, r):
@@ -83,18 +89,18 @@ def _linear2(x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, nx: nume
     if r.f64:
         y = F.linear(x2.double(), w.double(), None if b is None else b.double()).to(x2.dtype)
     else:
-        y = mm(x2, w, b, r.backend)
+        y = mm(x2, w, b, r.backend, fresh)
     return y[:n]
 
 
 def _ggml_linear(x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, src: ggml.FileWeight,
-                 nx: numerics.Numerics) -> torch.Tensor:
+                 nx: numerics.Numerics, fresh: bool = False) -> torch.Tensor:
     """``linear`` on activations rounded as ggml's CPU backend rounds them for the weight's file type."""
     if ggml.vec_dot_type(src.qtype) == "Q8_1" and x2.shape[-1] % 32 == 0:
         q, d, d16 = ggml.quantize_q8_0(x2)  # once, for the product and the min term
-        y = _linear2((q * d16).flatten(-2).to(x2.dtype), w, b, nx)
+        y = _linear2((q * d16).flatten(-2).to(x2.dtype), w, b, nx, fresh)
         return y + ggml.q8_1_min_correction(q, d, d16, src.block_mins(w.device)).to(y.dtype)
-    return _linear2(ggml.round_activations(x2, src.qtype).to(x2.dtype), w, b, nx)
+    return _linear2(ggml.round_activations(x2, src.qtype).to(x2.dtype), w, b, nx, fresh)
 
 
 _FEW_ROWS: dict[tuple, bool] = {}

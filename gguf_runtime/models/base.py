@@ -29,12 +29,15 @@ from torch import nn
 from ..batch import UBatch
 from ..device import resolve_device
 from ..errors import GGUFFormatError, UnsupportedError
+from ..gguf.dequant import _as_uint8 as as_bytes
 from ..gguf.hparams import HParams
 from ..gguf.reader import GGUFFile
 from ..kernels.ggml import FileWeight
 from ..memory.base import Memory
 from ..numerics import Numerics
-from .layers import LayerNorm, Linear
+from .layers import Embedding, LayerNorm, Linear, QuantWeight, Scratch
+
+WEIGHT_MODES = ("resident", "lazy", "auto")
 
 
 @dataclass
@@ -70,13 +73,17 @@ class Model(nn.Module, ABC):
         self.args = args
 
     @classmethod
-    def from_gguf(cls, f: GGUFFile, device=None, dtype=torch.float32) -> "Model":
+    def from_gguf(cls, f: GGUFFile, device=None, dtype=torch.float32, weights: str = "resident") -> "Model":
+        """``weights``: ``resident`` (dequantized at load), ``lazy`` (large matrices kept in their
+        file type and dequantized right before use), ``auto`` (lazy when the dequantized weights
+        would not fit in the memory available)."""
         args = cls.Args.from_gguf(HParams(f))
         args.tied = "output.weight" not in f.tensor_infos
         with torch.device("meta"):
             model = cls(args)
         model.device, model.dtype = resolve_device(device), dtype
-        load_weights(model, f)
+        model.weights = choose_weights(weights, f, model.device, dtype)
+        load_weights(model, f, lazy=model.weights == "lazy")
         model.loaded(f)
         return model.eval()
 
@@ -106,11 +113,39 @@ def _kind(name: str) -> str:
     return ".".join(parts[2:]) if parts[0] == "blk" and len(parts) > 2 else name
 
 
-def load_weights(model: Model, f: GGUFFile) -> None:
-    """Fill every parameter of ``model`` from the GGUF tensor of the same name (see the module docstring)."""
+def choose_weights(mode: str, f: GGUFFile, device: torch.device, dtype: torch.dtype) -> str:
+    """``resident`` or ``lazy`` for ``mode``; ``auto`` is lazy when the file's tensors, dequantized
+    to ``dtype``, would take more than 80% of the memory available on ``device``."""
+    if mode not in WEIGHT_MODES:
+        raise UnsupportedError(f"unknown weights mode '{mode}' (choose from {', '.join(WEIGHT_MODES)})")
+    if mode != "auto":
+        return mode
+    need = sum(_numel(i.shape) for i in f.tensor_infos.values()) * torch.empty((), dtype=dtype).element_size()
+    return "lazy" if need > 0.8 * available_memory(device) else "resident"
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free on ``device``: CUDA's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: assume it fits
+
+
+def load_weights(model: Model, f: GGUFFile, lazy: bool = False) -> None:
+    """Fill every parameter of ``model`` from the GGUF tensor of the same name (see the module
+    docstring). ``lazy``: ``Linear`` / ``Embedding`` weights (the matrices) keep the file's bytes
+    (:class:`~gguf_runtime.models.layers.QuantWeight`) and share one :class:`Scratch`."""
     where, arch = f.path.name, f.arch
     cache: dict[str, torch.Tensor] = {}  # a tied output shares the embedding's tensor
     kinds = type(model)
+    model.scratch = Scratch()
     for mod_name, mod in model.named_modules():
         for pname, p in list(mod._parameters.items()):
             if p is None:
@@ -133,6 +168,15 @@ def load_weights(model: Model, f: GGUFFile) -> None:
                 if not (kind in kinds.reshape and _numel(info.shape) == p.numel()):
                     raise GGUFFormatError(f"{where}: {arch} tensor {src} has shape {tuple(info.shape)}, "
                                           f"expected {tuple(p.shape)} from the metadata")
+            if lazy and isinstance(mod, (Linear, Embedding)) and pname == "weight" and tuple(info.shape) == tuple(p.shape):
+                raw = cache.get("raw:" + src)
+                if raw is None:
+                    raw = cache["raw:" + src] = as_bytes(f.raw(src), model.device)
+                mod.lazy = QuantWeight(raw, info.qtype, tuple(p.shape), model.dtype, model.scratch)
+                setattr(mod, pname, None)
+                if isinstance(mod, Linear):
+                    mod.source = FileWeight(info.qtype.name, f, src)
+                continue
             t = cache.get(src)
             if t is None:
                 t = cache[src] = f.tensor(src, device=model.device, dtype=model.dtype)

@@ -109,16 +109,17 @@ class Model(BaseModel):
         self.output = None  # no language-model head
 
     def loaded(self, f) -> None:
-        t = self.token_types.weight
-        self.type0 = torch.zeros(self.args.n_embd, dtype=self.dtype, device=self.device) if t is None else t[0]
+        zero = torch.zeros(1, dtype=torch.long)
+        self.type0 = self.token_types(zero)[0] if self.token_types.present else \
+            torch.zeros(self.args.n_embd, dtype=self.dtype, device=self.device)
 
     @property
     def has_rank_head(self) -> bool:
-        return self.cls.weight is not None or self.cls.output.weight is not None
+        return self.cls.present or self.cls.output.present
 
     @property
     def n_cls_out(self) -> int:
-        return self.args.n_cls_out if self.cls.output.weight is not None else 0
+        return self.args.n_cls_out if self.cls.output.present else 0
 
     def make_memory(self, n_ctx: int, n_seq_max: int, numerics: Numerics) -> EncoderMemory:
         return EncoderMemory(n_seq_max, self.args.n_ctx_train, self.device)
@@ -135,8 +136,8 @@ class Model(BaseModel):
     def rank(self, h: torch.Tensor) -> torch.Tensor:
         """Classifier head of rank pooling (llama.cpp build_pooling RANK): tanh(cls(h)), then cls.output."""
         x = h.to(self.dtype)
-        if self.cls.weight is not None:
+        if self.cls.present:
             x = torch.tanh(self.cls(x))
-        if self.cls.output.weight is not None:
+        if self.cls.output.present:
             x = self.cls.output(x)
         return x.float()

@@ -5,6 +5,12 @@ A model's module tree *is* the GGUF tensor table: ``Model.blk[0].attn_q.weight``
 model. Parameters are created on the meta device and filled by the loader; a bias declared
 ``optional`` is loaded when the file has it and stays ``None`` otherwise (llama.cpp's optional
 tensors).
+
+Lazy weights (``--weights lazy``): a ``Linear`` or ``Embedding`` may instead hold its weight as the
+file's bytes (:class:`QuantWeight`, memory-mapped on CPU, copied once to an accelerator) and
+dequantize it right before use into a scratch buffer shared by every weight of that shape (one
+layer's worth of float memory); an embedding dequantizes only the rows it looks up. The dequant
+and the product are the ones the resident path runs, so results are ``torch.equal`` to it.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..gguf.dequant import dequantize
 from ..kernels.ggml import FileWeight
 
 
@@ -19,9 +26,46 @@ def param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
+class Scratch:
+    """Float buffers that lazy weights dequantize into, one per (shape, dtype, device), reused."""
+
+    def __init__(self):
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (tuple(shape), dtype, device)
+        buf = self.buffers.get(key)
+        if buf is None:
+            buf = self.buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+        return buf
+
+    @property
+    def n_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+
+class QuantWeight:
+    """A weight kept in its GGUF type: the raw bytes (rows of whole blocks), dequantized on demand."""
+
+    def __init__(self, raw: torch.Tensor, qtype, shape: tuple[int, ...], dtype: torch.dtype, scratch: Scratch):
+        self.raw = raw.view(shape[0], -1)  # (rows, bytes per row): quant blocks never straddle rows
+        self.qtype, self.shape, self.dtype, self.scratch = qtype, tuple(shape), dtype, scratch
+
+    def full(self) -> torch.Tensor:
+        """The whole weight, in the shared scratch buffer of its shape (valid until the next use)."""
+        out = self.scratch.get(self.shape, self.dtype, self.raw.device)
+        return dequantize(self.raw, self.qtype, self.shape, out=out)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``idx`` only (a new tensor)."""
+        raw = self.raw.index_select(0, idx.to(self.raw.device))
+        return dequantize(raw, self.qtype, (idx.numel(), *self.shape[1:]), dtype=self.dtype)
+
+
 class Linear(nn.Module):
     """``{name}.weight`` (out, in) and an optional ``{name}.bias``; ``source`` (set by the loader)
-    is the weight's GGUF type, which ggml numerics round activations for."""
+    is the weight's GGUF type, which ggml numerics round activations for; ``lazy`` (set by the
+    loader for lazy weights) holds the weight in its file type instead of ``weight``."""
 
     def __init__(self, n_in: int, n_out: int, bias: bool | str = False):
         super().__init__()
@@ -29,9 +73,17 @@ class Linear(nn.Module):
         self.bias = param(n_out) if bias else None
         self.optional = {"bias"} if bias == "optional" else set()
         self.source: FileWeight | None = None
+        self.lazy: QuantWeight | None = None
+
+    @property
+    def present(self) -> bool:
+        """The file has this weight (an optional module may be absent)."""
+        return self.weight is not None or self.lazy is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.bias, self.source)
+        if self.lazy is None:
+            return kernels.linear(x, self.weight, self.bias, self.source)
+        return kernels.linear(x, self.lazy.full(), self.bias, self.source, fresh=True)
 
 
 class RMSNorm(nn.Module):
@@ -57,13 +109,20 @@ class LayerNorm(nn.Module):
 
 
 class Embedding(nn.Module):
-    """``{name}.weight`` (rows, dim): rows looked up by index."""
+    """``{name}.weight`` (rows, dim): rows looked up by index (lazy: only those rows dequantized)."""
 
     def __init__(self, n: int, dim: int):
         super().__init__()
         self.weight = param(n, dim)
+        self.lazy: QuantWeight | None = None
+
+    @property
+    def present(self) -> bool:
+        return self.weight is not None or self.lazy is not None
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.lazy is not None:
+            return self.lazy.rows(idx)
         return self.weight[idx.to(self.weight.device)]
 
 

@@ -1,0 +1,81 @@
+"""Lazy weights (issue 19): matrices kept in their GGUF type and dequantized right before use give
+exactly the resident path's logits, hold no float copy, and bound memory by one layer's scratch."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gguf_runtime.batch import Batch
+from gguf_runtime.context import Context
+from gguf_runtime.errors import UnsupportedError
+from gguf_runtime.models import base, load_model
+from gguf_runtime.models.layers import Embedding, Linear
+from gguf_runtime.numerics import Numerics
+from helpers import toks
+
+
+def _logits(model, t, n_ubatch=32, numerics=None):
+    c = Context(model, n_ctx=256, n_ubatch=n_ubatch, n_seq_max=2, numerics=numerics)
+    c.decode(Batch(t + t[:40], seq_ids=[0] * len(t) + [1] * 40, pos=list(range(len(t))) + list(range(40)),
+                   output=[True] * (len(t) + 40)))
+    return c.get_logits()
+
+
+@pytest.mark.parametrize("name", ["llama-tiny-Q4_K_M.gguf", "llama-tiny-Q8_0.gguf", "llama-tiny-f16.gguf",
+                                  "mamba-tiny-Q4_K_M.gguf", "mamba2-tiny-f32.gguf"])
+def test_lazy_equals_resident(gguf_dir, name):
+    t = toks(90, 3)
+    resident = load_model(gguf_dir / name, weights="resident")
+    lazy = load_model(gguf_dir / name, weights="lazy")
+    mats = [m for m in lazy.modules() if isinstance(m, (Linear, Embedding)) and m.present]
+    assert mats and all(m.lazy is not None and m.weight is None for m in mats)  # no float copy kept
+    ref = _logits(resident, t)
+    assert torch.equal(_logits(lazy, t), ref)
+    # the scratch holds one buffer per weight shape: at most one layer's matrices plus the output
+    per_shape = {tuple(m.lazy.shape) for m in mats if isinstance(m, Linear)}
+    assert set(k[0] for k in lazy.scratch.buffers) <= per_shape
+
+
+def test_lazy_with_ggml_numerics(gguf_dir):
+    """ggml numerics read the file type from the same place in both modes (Q8_1 min term included)."""
+    t = toks(70, 4)
+    nx = Numerics(ggml=True)
+    for name in ("llama-tiny-Q4_K_M.gguf", "llama-tiny-Q4_0.gguf"):
+        a = _logits(load_model(gguf_dir / name), t, numerics=nx)
+        assert torch.equal(_logits(load_model(gguf_dir / name, weights="lazy"), t, numerics=nx), a)
+
+
+def test_weights_mode_choice(gguf_dir, monkeypatch):
+    m = load_model(gguf_dir / "llama-tiny-Q4_K_M.gguf", weights="auto")
+    assert m.weights == "resident"  # 2 MB of float weights fit
+    monkeypatch.setattr(base, "available_memory", lambda device: 1 << 20)
+    assert load_model(gguf_dir / "llama-tiny-Q4_K_M.gguf", weights="auto").weights == "lazy"
+    with pytest.raises(UnsupportedError, match="unknown weights mode 'mmap'"):
+        load_model(gguf_dir / "llama-tiny-Q4_K_M.gguf", weights="mmap")
+
+
+_RSS = """
+import resource, sys, torch
+from gguf_runtime.models import load_model
+from gguf_runtime.context import Context
+from gguf_runtime.batch import Batch
+m = load_model(sys.argv[1], weights=sys.argv[2])
+c = Context(m, n_ctx=512)
+with torch.inference_mode():
+    c.decode(Batch(list(range(1, 257)), output=[False] * 255 + [True]))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+@pytest.mark.registry
+def test_lazy_bounds_memory(smollm2):
+    """SmolLM2-135M Q4_1 (86 MB file, ~540 MB of float32 weights): the lazy mode's peak RSS stays far
+    below the resident mode's."""
+    rss = {}
+    for mode in ("resident", "lazy"):
+        out = subprocess.run([sys.executable, "-c", _RSS, str(smollm2), mode], capture_output=True, text=True, check=True)
+        rss[mode] = int(out.stdout.split()[-1]) * 1024
+    assert rss["lazy"] < rss["resident"] - 300e6, rss
