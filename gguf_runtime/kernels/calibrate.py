@@ -10,10 +10,23 @@ single row across threads). Batched ``torch.matmul`` (attention's per-block prod
 padding rule the same way. If no linear rule passes, linears run in float64 and round back (the
 safe path). The result is a :class:`~gguf_runtime.numerics.Rule`, memoised per thread count: it
 describes the machine, not a mode, and never changes what a row computes to.
+
+Rules are also cached on disk, in ``$GGUF_RUNTIME_CACHE/calibration.json`` (default
+``~/.cache/gguf-runtime``), keyed by the CPU model and flags, the torch version and its
+oneDNN/BLAS build, the thread count and the prepack setting, so a new process starts without the
+calibration run (~1-2 s idle, much more on a busy machine). Delete the file to clear it, or set
+``GGUF_RUNTIME_CALIBRATION=fresh`` to ignore and rewrite it. A rule read from the cache is one
+this very key calibrated to, so results are the same either way (tested).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import platform
 import time
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -32,16 +45,71 @@ _REPORTS: dict[tuple[int, bool], dict] = {}
 
 
 def rule(threads: int, prepack: bool = True) -> Rule:
-    """The calibrated rule for ``threads`` (memoised)."""
+    """The calibrated rule for ``threads`` (memoised, and cached on disk: see the module docstring)."""
     key = (threads, prepack)
     r = _RULES.get(key)
     if r is None:
-        r = _RULES[key] = calibrate(prepack)
+        r = _load(threads, prepack)
+        if r is None:
+            r = calibrate(prepack)
+            _store(threads, prepack, r)
+        _RULES[key] = r
     return r
 
 
+def cache_path() -> Path:
+    return Path(os.environ.get("GGUF_RUNTIME_CACHE", Path.home() / ".cache" / "gguf-runtime")) / "calibration.json"
+
+
+def machine_key(threads: int, prepack: bool) -> str:
+    """What a rule depends on: the CPU (model name and flags), torch and its kernels' builds, threads."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info = fh.read(1 << 16)
+        cpu = "|".join(sorted({ln.split(":", 1)[1].strip() for ln in info.splitlines()
+                               if ln.startswith(("model name", "flags"))}))
+    except OSError:
+        pass
+    parts = [cpu, platform.machine(), torch.__version__, torch.__config__.show(), str(threads), str(prepack)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def _read_cache() -> dict:
+    try:
+        data = json.loads(cache_path().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _load(threads: int, prepack: bool) -> Rule | None:
+    if os.environ.get("GGUF_RUNTIME_CALIBRATION") == "fresh":
+        return None
+    hit = _read_cache().get(machine_key(threads, prepack))
+    try:
+        r = Rule(**hit["rule"])
+        _REPORTS[(threads, prepack)] = {**hit["report"], "cached": True}
+        return r
+    except (TypeError, KeyError):  # absent, or an entry of another format
+        return None
+
+
+def _store(threads: int, prepack: bool, r: Rule) -> None:
+    from ..atomic import atomic_write
+
+    data = _read_cache()
+    data[machine_key(threads, prepack)] = {"rule": asdict(r), "report": _REPORTS[(threads, prepack)]}
+    try:
+        cache_path().parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cache_path(), [json.dumps(data, indent=1, sort_keys=True).encode()])
+    except OSError:  # a read-only home: calibrate again next time
+        pass
+
+
 def report(threads: int | None = None, prepack: bool = True) -> dict:
-    """What calibration found (backend, padding, timings), calibrating if needed."""
+    """What calibration found (backend, padding, timings; ``cached`` when read from disk), calibrating
+    if needed."""
     key = (threads or torch.get_num_threads(), prepack)
     rule(*key)
     return _REPORTS[key]
