@@ -15,9 +15,11 @@ def command(
     outtype: str = typer.Option("auto", "--outtype", help="f32, f16, bf16, q8_0, or auto (f16/bf16 after the weights)."),
     outfile: Optional[Path] = typer.Option(None, "--outfile", help="Output file (default ./<folder>-<outtype>.gguf)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    vocab_pre: Optional[str] = typer.Option(None, "--vocab-pre", help="BPE pre-tokenizer name (llama.cpp's, e.g. qwen2, gpt-2, llama-bpe) when the tokenizer is not recognised."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="general.name to write (default: model card, else folder name)."),
 ) -> None:
     from gguf_runtime.convert.hf import convert
 
     logging.getLogger("gguf").setLevel(logging.ERROR)  # gguf-py's per-token notices
-    out = convert(model_dir, outfile, outtype, progress=not quiet)
+    out = convert(model_dir, outfile, outtype, progress=not quiet, vocab_pre=vocab_pre, model_name=model_name)
     typer.echo(str(out))

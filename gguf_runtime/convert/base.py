@@ -45,6 +45,7 @@ def block_id(name: str) -> int | None:
 
 class ModelConverter:
     arch: gguf.MODEL_ARCH
+    vocab_pre: str | None = None  # --vocab-pre: the BPE pre-tokenizer name, overriding recognition
 
     def __init__(self, model_dir: Path, hparams: dict, ckpt: Checkpoint):
         self.dir, self.hp, self.ckpt = Path(model_dir), hparams, ckpt

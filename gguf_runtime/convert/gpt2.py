@@ -25,7 +25,7 @@ class GPT2Converter(ModelConverter):
         w.add_layer_norm_eps(self.find("layer_norm_epsilon"))
 
     def set_vocab(self, w: gguf.GGUFWriter) -> None:
-        vocab.gpt2(w, self.dir, self.find("vocab_size", default=None))
+        vocab.gpt2(w, self.dir, self.find("vocab_size", default=None), pre=self.vocab_pre)
 
     def rename(self, name: str) -> str | None:
         return None if name.endswith((".attn.bias", ".attn.masked_bias")) else name

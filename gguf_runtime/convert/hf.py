@@ -19,6 +19,7 @@ import torch
 from gguf_runtime.errors import ConvertError
 
 from . import bert, gpt2, llama, mamba  # noqa: F401 - register the converters
+from . import gemma, mixtral, phi3, qwen  # noqa: F401 - register the converters (#14, #15)
 from .base import OUTTYPES, REGISTRY, ModelConverter
 from .checkpoint import Checkpoint
 from .writer import TensorPlan, add_infos, write_gguf
@@ -73,15 +74,18 @@ def _encode(t: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
 
 
 def convert(model_dir: str | Path, outfile: str | Path | None = None, outtype: str = "auto",
-            progress: bool = True) -> Path:
+            progress: bool = True, vocab_pre: str | None = None, model_name: str | None = None) -> Path:
     """Convert the checkpoint in ``model_dir`` to a GGUF at ``outfile`` (default
-    ``./<folder>-<type>.gguf``); ``outtype`` is f32, f16, bf16, q8_0 or auto."""
+    ``./<folder>-<type>.gguf``); ``outtype`` is f32, f16, bf16, q8_0 or auto. ``vocab_pre`` names
+    the BPE pre-tokenizer (llama.cpp's name), ``model_name`` sets general.name (llama.cpp's
+    --model-name)."""
     model_dir = Path(model_dir)
     hp = load_config(model_dir)
     cls = converter_class(hp, model_dir)
     ckpt = Checkpoint(model_dir)
     with _config_errors(model_dir):
         conv = cls(model_dir, hp, ckpt)
+    conv.vocab_pre = vocab_pre
     outtype = outtype.lower()
     if outtype == "auto":
         outtype = _auto_outtype(ckpt)
@@ -118,7 +122,7 @@ def convert(model_dir: str | Path, outfile: str | Path | None = None, outtype: s
 
     w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[conv.arch])
     add_infos(w, plans)
-    _general(w, model_dir)
+    _general(w, model_dir, model_name)
     with _config_errors(model_dir):
         conv.set_params(w)
         w.add_file_type(ftype)
@@ -151,15 +155,15 @@ def _config_errors(model_dir: Path):
         raise ConvertError(f"{model_dir}: unexpected config or tokenizer contents ({type(e).__name__}: {e})") from None
 
 
-def _general(w: gguf.GGUFWriter, model_dir: Path) -> None:
+def _general(w: gguf.GGUFWriter, model_dir: Path, model_name: str | None = None) -> None:
     """general.* provenance as llama.cpp derives it (model card, folder name, size label)."""
     total, shared, expert, count = w.get_total_parameter_count()
     try:
-        meta = gguf.Metadata.load(None, model_dir, None, total)
+        meta = gguf.Metadata.load(None, model_dir, model_name, total)
     except Exception as e:  # noqa: BLE001 - a malformed model card must not stop a conversion
         log.warning("ignoring model card metadata: %s", e)
         meta = gguf.Metadata()
-    meta.name = meta.name or model_dir.resolve().name
+    meta.name = model_name or meta.name or model_dir.resolve().name
     if meta.size_label is None and total > 0:
         meta.size_label = gguf.size_label(total, shared, expert, count)
     w.add_type(gguf.GGUFType.MODEL)

@@ -22,10 +22,11 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 @register("LlamaForCausalLM", "LLaMAForCausalLM", "MistralForCausalLM", "LlamaModel")
 class LlamaConverter(ModelConverter):
     arch = gguf.MODEL_ARCH.LLAMA
+    experts = False  # whether this converter stacks experts (MixtralConverter)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.find("num_local_experts", default=None):
+        if not self.experts and self.find("num_local_experts", default=None):
             raise ConvertError("mixture-of-experts Llama checkpoints are not supported")
         self.n_head = int(self.find("num_attention_heads", "n_heads"))
         self.n_kv = int(self.find("num_key_value_heads", "n_kv_heads", default=self.n_head))
@@ -45,7 +46,7 @@ class LlamaConverter(ModelConverter):
         if (self.dir / "tokenizer.model").is_file():
             vocab.sentencepiece(w, self.dir, self.find("vocab_size", default=None))
         elif not vocab.llama_hf(w, self.dir):
-            vocab.gpt2(w, self.dir, self.find("vocab_size", default=None))
+            vocab.gpt2(w, self.dir, self.find("vocab_size", default=None), pre=self.vocab_pre)
 
     def rename(self, name: str) -> str | None:
         if name.endswith(".rotary_emb.inv_freq"):

@@ -9,7 +9,6 @@ Special tokens (ids, add_bos/eos, merges, chat template) come from gguf-py's ``S
 from __future__ import annotations
 
 import json
-from hashlib import sha256
 from pathlib import Path
 
 import gguf
@@ -17,32 +16,11 @@ from gguf import TokenType
 
 from gguf_runtime.errors import ConvertError
 
-# llama.cpp recognises a BPE pre-tokenizer by the sha256 of str(token ids) of this probe text
-# (convert_hf_to_gguf.py, get_vocab_base_pre). The probe text is part of that protocol.
-PROBE = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001f680 (normal) \U0001f636\u200d\U0001f32b\ufe0f '
-         '(multiple emojis concatenated) \u2705 \U0001f999\U0001f999 3 33 333 3333 33333 333333 3333333 33333333 3.3 '
-         '3..3 3...3 \u1780\u17b6\u1793\u17cb\u178f\u17c2\u1796\u17b7\u179f\u17c1\u179f\u17a2\u17b6\u1785\U0001f601 ?'
-         '\u6211\u60f3\u5728apple\u5de5\u4f5c1314151\u5929\uff5e ------======= \u043d\u0435\u0449\u043e \u043d\u0430 '
-         '\u0411\u044a\u043b\u0433\u0430\u0440\u0441\u043a\u0438 \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been '
-         '\'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL')
+from . import bpe_pre
 
-# The resulting names for a few well-known tokenizers (llama.cpp keeps the last match of its list).
-KNOWN_PRE = {
-    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",           # openai-community/gpt2
-    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",       # Meta-Llama-3-8B
-    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",          # SmolLM-135M
-    "0876d13b50744004aa9aeae05e7b0647eac9d801b5ba4668afc01e709c15e19f": "jina-v2-en",      # bge-small, MiniLM
-    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",           # Qwen1.5-7B
-    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",           # Qwen3-Embedding
-    "049ecf7629871e3041641907f3de7c733e4dbfdc736f57d882ba0b0845599754": "deepseek-llm",    # deepseek-llm-7b
-    "8aeee3860c56296a157a1fe2fad249ec40aa59b1bb5709f4ade11c4e6fe652ed": "falcon",          # falcon-7b
-    "b6dc8df998e1cfbdc4eac8243701a65afe638679230920b50d6f17d81c098166": "olmo",            # mpt-7b, OLMo
-    "35d91631860c815f952d711435f48d356ebac988362536bed955d43bfa436e34": "starcoder",       # starcoder2-3b
-    "32d85c31273f8019248f2559fed492d929ea28b17e51d81d3bb36fff23ca72b3": "stablelm2",       # stablelm-2
-    "fcace8b9cac38ce847670c970cd5892031a753a1ef381abd1d9af00f713da085": "phi-2",           # phi-2
-    "8b5a93ed704057481f240da0be7e7dca721d7f8f4755263b6807227a2cbeae65": "roberta-bpe",     # stsb-roberta-base
-    "ccc2ef013c104be7bae2965776d611e1d7a8a2a9c547dd93a682c9a9fc80352e": "gpt-4o",          # gpt-4o
-}
+# The probe text and llama.cpp's table of its hashes live in bpe_pre (kept here under their old names).
+PROBE = bpe_pre.PROBE
+KNOWN_PRE = bpe_pre.CHKHSH
 
 
 def looks_special(tok: str) -> bool:
@@ -146,22 +124,15 @@ def _tokenizer(d: Path):
     return tok, _json(path)
 
 
-def pre_tokenizer(tok, spec: dict) -> str:
-    """llama.cpp's pre-tokenizer name for this tokenizer (probe hash, then its declared pieces)."""
-    h = sha256(str(tok.encode(PROBE).ids).encode()).hexdigest()
-    if h in KNOWN_PRE:
-        return KNOWN_PRE[h]
-    pre, model = spec.get("pre_tokenizer") or {}, (spec.get("model") or {}).get("type")
-    if model == "WordPiece":
-        return "default"  # llama.cpp's WordPiece tokenizer does not use the pre-tokenizer type
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not spec.get("normalizer"):
-        return "gpt-2"  # GPT-2's byte-level regex split
-    raise ConvertError(f"unrecognised BPE pre-tokenizer (probe hash {h}); llama.cpp does not know it either")
+def pre_tokenizer(tok, spec: dict, override: str | None = None, where: str = "tokenizer.json") -> str:
+    """llama.cpp's pre-tokenizer name for this tokenizer: ``--vocab-pre``, the probe hash, the declared
+    pre-tokenizer, else an error (bpe_pre.choose)."""
+    return bpe_pre.choose(tok, spec, override, where)
 
 
-def base_vocab(d: Path, vocab_size: int | None) -> tuple[list[str], list[int], str, dict]:
+def base_vocab(d: Path, vocab_size: int | None, pre: str | None = None) -> tuple[list[str], list[int], str, dict]:
     """Tokens, token types and pre-tokenizer name of tokenizer.json, as get_vocab_base builds them
-    (and the parsed tokenizer.json)."""
+    (and the parsed tokenizer.json); ``pre`` is a --vocab-pre override."""
     tok, spec = _tokenizer(d)
     vocab = tok.get_vocab(with_added_tokens=True)
     added = tok.get_added_tokens_decoder()
@@ -187,11 +158,12 @@ def base_vocab(d: Path, vocab_size: int | None) -> tuple[list[str], list[int], s
         else:
             types.append(TokenType.NORMAL)
         tokens.append(t)
-    return tokens, types, pre_tokenizer(tok, spec), spec
+    return tokens, types, pre_tokenizer(tok, spec, pre, str(d / "tokenizer.json")), spec
 
 
-def gpt2(w: gguf.GGUFWriter, d: Path, vocab_size: int | None) -> None:
-    tokens, types, pre, spec = base_vocab(d, vocab_size)
+def gpt2(w: gguf.GGUFWriter, d: Path, vocab_size: int | None, pre: str | None = None) -> None:
+    """A BPE tokenizer.json as llama.cpp's _set_vocab_gpt2 writes it; ``pre``: --vocab-pre."""
+    tokens, types, pre, spec = base_vocab(d, vocab_size, pre)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
