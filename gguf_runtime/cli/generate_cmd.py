@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
 import typer
 
 from gguf_runtime.errors import GGUFRuntimeError
@@ -18,17 +17,21 @@ def command(
     model: Path = typer.Option(..., "-m", "--model", help="GGUF model file"),
     prompt: str = typer.Option("", "-p", "--prompt", help="prompt text"),
     n_predict: int = typer.Option(64, "-n", "--n-predict", help="number of tokens to predict"),
-    ctx_size: int = typer.Option(0, "-c", "--ctx-size", help="context size (0 = prompt + n_predict)"),
-    batch_size: int = typer.Option(2048, "-b", "--batch-size"),
-    ubatch_size: int = typer.Option(512, "-ub", "--ubatch-size"),
+    ctx_size: Optional[int] = typer.Option(None, "-c", "--ctx-size",
+                                           help="context size (default: prompt + n_predict; 0 = the model's training context)"),
+    batch_size: int = typer.Option(2048, "-b", "--batch-size", help="logical batch: the prompt is decoded in pieces of this many tokens"),
+    ubatch_size: int = typer.Option(512, "-ub", "--ubatch-size", help="physical micro-batch (tokens per forward pass)"),
     temp: float = typer.Option(0.8, "--temp", help="temperature; 0 = greedy"),
-    top_k: int = typer.Option(40, "--top-k"),
-    top_p: float = typer.Option(0.95, "--top-p"),
-    min_p: float = typer.Option(0.05, "--min-p"),
+    top_k: int = typer.Option(40, "--top-k", help="keep the k most likely tokens (0 = off)"),
+    top_p: float = typer.Option(0.95, "--top-p", help="keep the smallest set of tokens whose probability reaches p (1.0 = off)"),
+    min_p: float = typer.Option(0.05, "--min-p", help="drop tokens less likely than p times the most likely one (0.0 = off)"),
     seed: int = typer.Option(-1, "-s", "--seed", help="RNG seed (-1 = random)"),
     threads: int = typer.Option(0, "-t", "--threads", help="CPU threads (0 = torch default)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if present)"),
     dtype: str = typer.Option("f32", "--dtype", help="compute dtype: f32, f16, bf16"),
+    prompt_cache: Optional[Path] = typer.Option(None, "--prompt-cache",
+                                                help="state file: reuse its longest matching prompt prefix, save after the prompt"),
+    prompt_cache_ro: bool = typer.Option(False, "--prompt-cache-ro", help="use --prompt-cache but do not update it"),
 ):
     from gguf_runtime.cli import common
     from gguf_runtime.context import Context
@@ -36,32 +39,60 @@ def command(
 
     if n_predict < 0:
         raise GGUFRuntimeError(f"-n must be >= 0, got {n_predict}")
-    if threads > 0:
-        torch.set_num_threads(threads)
+    if ctx_size is not None and ctx_size < 0:
+        raise GGUFRuntimeError(f"-c must be >= 0 (0: the model's training context), got {ctx_size}")
+    for name, v in (("-b", batch_size), ("-ub", ubatch_size)):
+        if v <= 0:
+            raise GGUFRuntimeError(f"{name} must be positive, got {v}")
+    if top_k < 0:
+        raise GGUFRuntimeError(f"--top-k must be >= 0 (0 = off), got {top_k}")
+    for name, v in (("--top-p", top_p), ("--min-p", min_p)):
+        if not 0.0 <= v <= 1.0:
+            raise GGUFRuntimeError(f"{name} must be between 0 and 1, got {v}")
+    common.threads(threads)
     common.dtype(dtype)
-    common.numerics()
+    common.device(device)
+    nx = common.numerics()
     f, tok, m = common.open_model(model, device, dtype)
     ids = tok.encode(prompt, add_special=True)
     if not ids:
         raise GGUFRuntimeError("the prompt tokenized to nothing and the model adds no BOS: give -p")
-    n_ctx = ctx_size or len(ids) + n_predict
+    if ctx_size is None:
+        n_ctx = len(ids) + n_predict
+    else:
+        n_ctx = ctx_size or m.args.n_ctx_train  # llama.cpp: -c 0 is the model's training context
     if len(ids) + n_predict > n_ctx:
         raise GGUFRuntimeError(f"prompt ({len(ids)} tokens) + -n {n_predict} exceeds the context size -c {n_ctx}")
     ctx = Context(m, n_ctx=n_ctx, n_batch=batch_size, n_ubatch=ubatch_size)
+    if nx.invariant:
+        nx.linear_rule()  # the one-off calibration (kernels.calibrate), before the clock starts
     if seed < 0:
         seed = int(time.time_ns() % (2**31))
+    if temp > 0:  # as llama-cli, before generating; greedy decoding draws nothing
+        print(f"sampler seed: {seed}", file=sys.stderr, flush=True)
     sampler = Sampler(SamplerParams(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed))
     sys.stdout.write(prompt)
     sys.stdout.flush()
     t0 = time.perf_counter()
+    n_eval, run_ids = len(ids), ids  # prompt tokens actually evaluated
+    if prompt_cache is not None:
+        from gguf_runtime import state
+
+        reused = state.prompt_cache(ctx, prompt_cache, ids)
+        n_eval, run_ids = len(ids) - reused, ids[-1:]
+        print(f"prompt cache: reused {reused} of {len(ids)} prompt tokens from {prompt_cache}", file=sys.stderr)
     t_first = None
     out: list[int] = []
+    eog = None
     base = tok.decode(ids, skip_special=True)  # decode prompt + output together: spacing stays right
     prev = ""
-    for t in generate(ctx, ids, n_predict, sampler, is_eog=tok.is_eog):
+    for t in generate(ctx, run_ids, n_predict, sampler, is_eog=tok.is_eog):
+        if t_first is None and prompt_cache is not None and not prompt_cache_ro:
+            ctx.state_save(prompt_cache, tokens=ids)  # the state right after the prompt
         if t_first is None:
             t_first = time.perf_counter()
         if tok.is_eog(t):
+            eog = t
             break
         out.append(t)
         text = tok.decode(ids + out, skip_special=True)[len(base):]
@@ -71,12 +102,16 @@ def command(
         sys.stdout.flush()
         prev = text
     t1 = time.perf_counter()
+    if eog is not None:  # llama-cli's marker, on the text's own line
+        sys.stdout.write(" [end of text]")
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    if eog is not None:
+        print(f"generate: end-of-generation token {eog} after {len(out)} of -n {n_predict} tokens", file=sys.stderr)
     pe = (t_first or t1) - t0
     ge = t1 - (t_first or t1)
-    print(f"prompt eval time = {pe * 1e3:10.2f} ms / {len(ids):5d} tokens ({pe * 1e3 / max(1, len(ids)):8.2f} ms per token, "
-          f"{len(ids) / pe if pe else 0:8.2f} tokens per second)", file=sys.stderr)
+    print(f"prompt eval time = {pe * 1e3:10.2f} ms / {n_eval:5d} tokens ({pe * 1e3 / max(1, n_eval):8.2f} ms per token, "
+          f"{n_eval / pe if pe else 0:8.2f} tokens per second)", file=sys.stderr)
     n_gen = max(0, len(out) - 1)
     print(f"       eval time = {ge * 1e3:10.2f} ms / {n_gen:5d} runs   ({ge * 1e3 / max(1, n_gen):8.2f} ms per token, "
           f"{n_gen / ge if ge else 0:8.2f} tokens per second)", file=sys.stderr)
-    print(f"sampler seed: {seed}", file=sys.stderr)

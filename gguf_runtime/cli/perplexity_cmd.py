@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+import time
 from pathlib import Path
 from typing import Optional
 
-import torch
 import typer
 
 from gguf_runtime.errors import GGUFRuntimeError
@@ -26,11 +26,35 @@ def _out(msg: str = "", end: str = "\n") -> None:
     sys.stdout.flush()
 
 
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+PLAIN_EVERY_S = 10.0  # without a terminal, a progress line at most this often (and the first, the last)
+
+
 @contextmanager
 def _progress(label: str, enabled: bool):
-    """A rich progress bar on stderr; yields ``update(done, total, extra="")``."""
+    """Progress on stderr; yields ``update(done, total, extra="")``. On a terminal a rich bar; piped
+    or logged, plain lines (``label: done/total, extra, ETA``) that a log keeps."""
     if not enabled:
         yield lambda done, total, extra="": None
+        return
+    if not _isatty(sys.stderr):
+        t0 = time.perf_counter()
+        last = [-PLAIN_EVERY_S]
+
+        def plain(done, total, extra=""):
+            now = time.perf_counter() - t0
+            if done != total and now - last[0] < PLAIN_EVERY_S:
+                return
+            last[0] = now
+            eta = f", ETA {(total - done) * now / done / 60:.2f} minutes" if total and done and done < total else ""
+            _info(f"{label}: {done}/{total or '?'}{', ' + extra if extra else ''}{eta}")
+        yield plain
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -45,10 +69,10 @@ def _progress(label: str, enabled: bool):
 def command(
     model: Optional[Path] = typer.Option(None, "-m", "--model", help="GGUF model (default: SmolLM2-135M Q4_1)"),
     file: Optional[Path] = typer.Option(None, "-f", "--file", help="text / task file (default: bundled sample text)"),
-    ctx_size: int = typer.Option(512, "-c", "--ctx-size", help="chunk length (perplexity) / context per sequence"),
+    ctx_size: int = typer.Option(512, "-c", "--ctx-size", help="chunk length (perplexity) / context per sequence; 0: the model's training context"),
     batch_size: int = typer.Option(2048, "-b", "--batch-size", help="logical batch: n_batch // c chunks decode together"),
     ubatch_size: int = typer.Option(512, "-ub", "--ubatch-size", help="physical micro-batch"),
-    chunks: Optional[int] = typer.Option(None, "--chunks", help="score at most this many chunks (default: all; "
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="score at most this many chunks (default: all, as -1; "
                                          f"{BUNDLED_CHUNKS} on the bundled text)"),
     threads: int = typer.Option(0, "-t", "--threads", help="CPU threads (0: torch default)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if present)"),
@@ -68,7 +92,8 @@ def command(
     ggml_numerics: bool = typer.Option(False, "--ggml-numerics",
                                        help="round as llama.cpp's CPU backend does (Q8 activations for quantized "
                                             "weights, f16 KV cache) to reproduce its scores; default: exact float math"),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar on stderr"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress on stderr (a bar on a terminal, else a line every "
+                                                                    f"{PLAIN_EVERY_S:.0f} s)"),
 ):
     from gguf_runtime import fixtures
     from gguf_runtime.cli import common
@@ -83,16 +108,20 @@ def command(
         raise GGUFRuntimeError("--kl-divergence needs --kl-divergence-base FILE (written by an earlier run)")
     if mode in ("--hellaswag", "--winogrande", "--multiple-choice") and file is None:
         raise GGUFRuntimeError(f"{mode} needs -f TASK_FILE")
-    for name, v in (("-c", ctx_size), ("-b", batch_size), ("-ub", ubatch_size)):
+    for name, v in (("-b", batch_size), ("-ub", ubatch_size)):
         if v <= 0:
             raise GGUFRuntimeError(f"{name} must be positive, got {v}")
-    if mode == "perplexity":
+    if ctx_size < 0:
+        raise GGUFRuntimeError(f"-c must be >= 0 (0: the model's training context), got {ctx_size}")
+    if chunks is not None and (chunks == 0 or chunks < -1):
+        raise GGUFRuntimeError(f"--chunks must be a positive number of chunks or -1 for all, got {chunks}")
+    if mode == "perplexity" and ctx_size:
         from gguf_runtime.tools.perplexity import check_batch
 
         check_batch(ctx_size, batch_size)
-    if threads > 0:
-        torch.set_num_threads(threads)
+    common.threads(threads)
     common.dtype(dtype)
+    common.device(device)
     nx = common.numerics(ggml=ggml_numerics, ctk=cache_type_k, ctv=cache_type_v)
 
     if model is None:
@@ -106,6 +135,13 @@ def command(
     if chunks is None:
         chunks = -1
     f, tok, m = common.open_model(model, device, dtype)
+    if ctx_size == 0:  # llama.cpp: -c 0 is the context the model was trained with
+        ctx_size = m.args.n_ctx_train
+        _info(f"-c 0: the model's training context, {ctx_size}")
+        if mode == "perplexity":
+            from gguf_runtime.tools.perplexity import check_batch
+
+            check_batch(ctx_size, batch_size)
     if (cache_type_k or cache_type_v) and f.arch in ("mamba", "mamba2", "bert"):
         _info(f"-ctk/-ctv: {f.arch} has no KV cache; ignored")
     if ggml_numerics:
@@ -152,8 +188,14 @@ def command(
 
 def _perplexity(m, tok, data: bytes, n_ctx: int, n_batch: int, n_ubatch: int, chunks: int, bos: int | None,
                 base_path: Path | None, show: bool) -> None:
+    """llama-perplexity's output: the ``[i]ppl,`` values on one stdout line, each written as its chunk
+    is scored (held back only while a progress bar shares the terminal with stdout), then the final
+    estimate. On Ctrl-C the values so far and the estimate over the chunks scored are printed before
+    the interrupt goes on (exit 130)."""
+    import torch
+
     from gguf_runtime.tools import tasks
-    from gguf_runtime.tools.perplexity import check_params, make_context, perplexity
+    from gguf_runtime.tools.perplexity import check_params, make_context, running_perplexity
 
     ids = torch.tensor(tok.encode(data.decode("utf-8", errors="replace"), add_special=True), dtype=torch.long)
     n_chunk = check_params(len(ids), n_ctx, n_batch)
@@ -165,25 +207,30 @@ def _perplexity(m, tok, data: bytes, n_ctx: int, n_batch: int, n_ubatch: int, ch
     if base_path is not None and n_chunk > 0:
         writer = tasks.LogitsWriter(base_path, n_ctx, m.args.n_vocab, n_chunk, ids)
         _info(f"perplexity: saving all logits to {base_path}")
+    stream = not (show and _isatty(sys.stderr) and _isatty(sys.stdout))
     line: list[str] = []
+    r = None
     try:
         with _progress("perplexity", show) as upd:
-            def on_chunk(i: int, ppl: float) -> None:
-                line.append(f"[{i + 1}]{ppl:.4f},")
-                upd(i + 1, n_chunk, f"PPL {ppl:.4f}")
-                if not show:
+            for r in running_perplexity(make_context(m, n_ctx, n_batch, n_ubatch), ids, n_ctx, n_batch, n_ubatch,
+                                        n_chunk, bos, on_logits=writer):
+                line.append(f"[{r.n_chunks}]{r.chunk_ppl[-1]:.4f},")
+                if stream:
                     _out(line[-1], end="")
-
-            r = perplexity(make_context(m, n_ctx, n_batch, n_ubatch), ids, n_ctx, n_batch, n_ubatch, chunks, bos,
-                           on_chunk=on_chunk, on_logits=writer)
-        if show:
-            _out("".join(line), end="")
-        _out()
+                upd(r.n_chunks, n_chunk, f"PPL {r.ppl:.4f}")
         if writer is not None:
             writer.close()
             writer = None
+    except KeyboardInterrupt:
+        _out("" if stream else "".join(line))
+        if r is not None:
+            _out(f"Estimate over {r.n_chunks} of {n_chunk} chunks (interrupted): PPL = {r.ppl:.4f} +/- {r.ppl_err:.5f}")
+        _info(f"perplexity: interrupted after {r.n_chunks if r else 0} of {n_chunk} chunks"
+              + ("; the logits file was not written" if writer is not None else ""))
+        raise
     finally:
         if writer is not None:
             writer.abort()
+    _out("" if stream else "".join(line))
     _out(f"Final estimate: PPL = {r.ppl:.4f} +/- {r.ppl_err:.5f}")
     _info(f"perplexity: {r.n_chunks * r.n_ctx} tokens in {r.seconds:.2f} s ({r.tokens_per_s:.1f} tokens/s)")

@@ -20,11 +20,10 @@ def command(
     device: Optional[str] = typer.Option(None, "--device", help="Device for the K-quant maths (cpu, cuda)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    import torch
-
+    from gguf_runtime.cli import common
     from gguf_runtime.convert.quantize import quantize
 
-    if threads:
-        torch.set_num_threads(threads)
+    common.threads(threads or 0)
+    common.device(device)
     logging.getLogger("gguf").setLevel(logging.ERROR)
     typer.echo(str(quantize(src, dst, qtype, pure=pure, progress=not quiet, device=device)))

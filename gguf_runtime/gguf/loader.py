@@ -14,9 +14,16 @@ from .reader import GGUFFile
 class LoadedGGUF:
     path: Path
     arch: str
-    metadata: dict
+    metadata: dict = field(repr=False)  # a vocabulary is 1 MB of repr: __repr__ summarises
     weights: dict[str, torch.Tensor] = field(repr=False)
     file: GGUFFile = field(repr=False)
+
+    def __repr__(self) -> str:
+        n = sum(w.numel() for w in self.weights.values())
+        dts = sorted({str(w.dtype).removeprefix("torch.") for w in self.weights.values()})
+        devs = sorted({str(w.device) for w in self.weights.values()})
+        return (f"LoadedGGUF({str(self.path)!r}, arch={self.arch!r}, metadata={len(self.metadata)} keys, "
+                f"weights={len(self.weights)} tensors / {n:,} values ({', '.join(dts) or '-'} on {', '.join(devs) or '-'}))")
 
     def get(self, key: str, default=None):
         return self.file.get(key, default)

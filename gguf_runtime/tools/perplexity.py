@@ -125,19 +125,14 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return lse - d.gather(-1, targets.to(d.device).view(-1, 1)).squeeze(-1).double()
 
 
-def perplexity(ctx_or_model, tokens: Sequence[int] | torch.Tensor, n_ctx: int, n_batch: int = 2048,
-               n_ubatch: int = 512, n_chunks: int | None = None, bos: int | None = None,
-               progress: Callable[[int, int], None] | None = None,
-               on_chunk: Callable[[int, float], None] | None = None,
-               on_logits: ChunkHook | None = None) -> PerplexityResult:
-    """llama-perplexity over ``tokens`` (already tokenized, BOS included when the vocab adds it).
-
-    ``ctx_or_model``: a model (a context with n_seq = max(1, n_batch // n_ctx) sequences is made) or a
-    :class:`Context` large enough. ``bos``: the token replacing each chunk's first token (None: no
-    replacement, for vocabularies that do not add BOS). ``n_chunks``: at most this many chunks.
-    ``progress(done, total)`` after each chunk; ``on_chunk(i, running_ppl)`` for the ``[i]`` lines;
-    ``on_logits(i, logits, targets)`` sees each chunk's scored logits (the KL-divergence base writer).
-    """
+def running_perplexity(ctx_or_model, tokens: Sequence[int] | torch.Tensor, n_ctx: int, n_batch: int = 2048,
+                       n_ubatch: int = 512, n_chunks: int | None = None, bos: int | None = None,
+                       on_logits: ChunkHook | None = None) -> Iterator[PerplexityResult]:
+    """:func:`perplexity`, one chunk at a time: yields the estimate over the chunks scored so far after
+    each chunk (``n_chunks`` and ``chunk_ppl`` grow by one each time), so a caller can print the
+    ``[i]`` values as they come and still report an estimate when it stops early (Ctrl-C). The last
+    value yielded is :func:`perplexity`'s result. ``n_chunks``: at most this many chunks (None or
+    negative: all)."""
     tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
     n_chunk = check_params(tokens.numel(), n_ctx, n_batch)
     if n_chunks is not None and n_chunks >= 0:
@@ -158,13 +153,37 @@ def perplexity(ctx_or_model, tokens: Sequence[int] | torch.Tensor, n_ctx: int, n
         count += v.numel()
         chunk_nll.append(float(v.mean()))
         chunk_ppl.append(math.exp(nll / count))
+        mean, mean2 = nll / count, nll2 / count
+        ppl = math.exp(mean)
+        var = mean2 - mean * mean
+        err = ppl * math.sqrt(var / (count - 1)) if var > 0 and count > 1 else float("nan")
+        yield PerplexityResult(ppl, err, list(chunk_ppl), list(chunk_nll), n_ctx, i + 1, count,
+                               time.perf_counter() - t0)
+
+
+def perplexity(ctx_or_model, tokens: Sequence[int] | torch.Tensor, n_ctx: int, n_batch: int = 2048,
+               n_ubatch: int = 512, n_chunks: int | None = None, bos: int | None = None,
+               progress: Callable[[int, int], None] | None = None,
+               on_chunk: Callable[[int, float], None] | None = None,
+               on_logits: ChunkHook | None = None) -> PerplexityResult:
+    """llama-perplexity over ``tokens`` (already tokenized, BOS included when the vocab adds it).
+
+    ``ctx_or_model``: a model (a context with n_seq = max(1, n_batch // n_ctx) sequences is made) or a
+    :class:`Context` large enough. ``bos``: the token replacing each chunk's first token (None: no
+    replacement, for vocabularies that do not add BOS). ``n_chunks``: at most this many chunks.
+    ``progress(done, total)`` after each chunk; ``on_chunk(i, running_ppl)`` for the ``[i]`` lines;
+    ``on_logits(i, logits, targets)`` sees each chunk's scored logits (the KL-divergence base writer).
+    """
+    tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+    n_chunk = check_params(tokens.numel(), n_ctx, n_batch)
+    if n_chunks is not None and n_chunks >= 0:
+        n_chunk = min(n_chunk, n_chunks)
+    r = None
+    for r in running_perplexity(ctx_or_model, tokens, n_ctx, n_batch, n_ubatch, n_chunk, bos, on_logits):
         if on_chunk is not None:
-            on_chunk(i, chunk_ppl[-1])
+            on_chunk(r.n_chunks - 1, r.chunk_ppl[-1])
         if progress is not None:
-            progress(i + 1, n_chunk)
-    seconds = time.perf_counter() - t0
-    mean, mean2 = nll / count, nll2 / count
-    ppl = math.exp(mean)
-    var = mean2 - mean * mean
-    err = ppl * math.sqrt(var / (count - 1)) if var > 0 else float("nan")
-    return PerplexityResult(ppl, err, chunk_ppl, chunk_nll, n_ctx, n_chunk, count, seconds)
+            progress(r.n_chunks, n_chunk)
+    if r is None:  # running_perplexity raised for no chunk; unreachable
+        raise BatchError("no chunk to score (--chunks 0)")
+    return r
