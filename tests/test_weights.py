@@ -79,3 +79,21 @@ def test_lazy_bounds_memory(smollm2):
         out = subprocess.run([sys.executable, "-c", _RSS, str(smollm2), mode], capture_output=True, text=True, check=True)
         rss[mode] = int(out.stdout.split()[-1]) * 1024
     assert rss["lazy"] < rss["resident"] - 300e6, rss
+
+
+def test_cli_weights_flag(gguf_dir, wikitext, capsys):
+    """`--weights lazy` prints the same perplexity lines as resident; a bad mode is one line, exit 2."""
+    from gguf_runtime.cli.main import main
+
+    outs = {}
+    for mode in ("resident", "lazy"):
+        with pytest.raises(SystemExit) as e:
+            main(["perplexity", "-m", str(gguf_dir / "llama-tiny-Q4_K_M.gguf"), "-f", str(wikitext), "-c", "128",
+                  "--chunks", "3", "--no-progress", "--weights", mode])
+        assert e.value.code == 0
+        outs[mode] = capsys.readouterr().out
+    assert "Final estimate" in outs["lazy"] and outs["lazy"] == outs["resident"]
+    with pytest.raises(SystemExit) as e:
+        main(["perplexity", "-m", str(gguf_dir / "llama-tiny-Q4_K_M.gguf"), "--weights", "mmap"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: unknown --weights 'mmap' (use resident, lazy or auto)"

@@ -45,13 +45,28 @@ _device = device  # open_model's parameter shadows the name
 
 
 def threads(n: int) -> None:
-    """``-t N``: torch's CPU threads (0: torch's default)."""
+    """``-t N``: torch's CPU threads (0: the CPUs this process may use, less those other runnable
+    tasks hold now: :func:`gguf_runtime.threads.default_threads`)."""
     if n < 0:
-        raise GGUFRuntimeError(f"-t must be >= 0 (0: torch's default), got {n}")
-    if n:
-        import torch
+        raise GGUFRuntimeError(f"-t must be >= 0 (0: the free CPUs), got {n}")
+    import torch
 
-        torch.set_num_threads(n)
+    from gguf_runtime.threads import default_threads
+
+    torch.set_num_threads(n or default_threads())
+
+
+WEIGHTS_HELP = ("resident (dequantized at load), lazy (kept in the file's types, dequantized layer by layer "
+                "right before use), auto (lazy when resident would not fit in memory)")
+
+
+def weights(name: str) -> str:
+    """``--weights``: resident, lazy or auto."""
+    from gguf_runtime.models.base import WEIGHT_MODES
+
+    if name not in WEIGHT_MODES:
+        raise GGUFRuntimeError(f"unknown --weights '{name}' (use resident, lazy or auto)")
+    return name
 
 
 def numerics(ggml: bool = False, ctk: str | None = None, ctv: str | None = None):
@@ -79,8 +94,8 @@ def _root_obj():
     return None
 
 
-def open_model(path, device=None, dtype_name: str = "f32"):
-    """``(GGUFFile, Tokenizer, model)`` for a GGUF path."""
+def open_model(path, device=None, dtype_name: str = "f32", weights_mode: str = "auto"):
+    """``(GGUFFile, Tokenizer, model)`` for a GGUF path; ``weights_mode``: see ``--weights``."""
     from gguf_runtime.gguf.reader import GGUFFile
     from gguf_runtime.models import load_model
     from gguf_runtime.tokenizer import Tokenizer
@@ -89,4 +104,4 @@ def open_model(path, device=None, dtype_name: str = "f32"):
     dev = _device(device) if isinstance(device, str) else device
     f = GGUFFile(path)
     tok = Tokenizer.from_gguf(f)
-    return f, tok, load_model(f, device=dev, dtype=dt)
+    return f, tok, load_model(f, device=dev, dtype=dt, weights=weights(weights_mode))

@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from gguf_runtime.cli.common import WEIGHTS_HELP
 from gguf_runtime.errors import GGUFRuntimeError
 
 COMMAND_KWARGS = {"help": "Per-layer drift of the last token between full recompute and cached decode."}
@@ -16,6 +17,7 @@ def command(
     file: Optional[Path] = typer.Option(None, "-f", "--file", help="text file (default: the bundled sample)"),
     n_tokens: int = typer.Option(128, "-n", "--n-tokens", help="tokens of the text to use"),
     dtype: str = typer.Option("f32", "--dtype", help="compute dtype: f32, f16, bf16"),
+    weights: str = typer.Option("auto", "--weights", help="weights in memory: " + WEIGHTS_HELP),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if present)"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG bar chart here (needs matplotlib)"),
 ):
@@ -27,6 +29,7 @@ def command(
     from gguf_runtime.tools.drift import drift
 
     common.dtype(dtype)
+    common.weights(weights)
     common.device(device)
     plt = _pyplot() if plot is not None else None  # before the computation, not after it
     if n_tokens < 2:
@@ -35,7 +38,7 @@ def command(
     if not Path(path).is_file():
         raise GGUFRuntimeError(f"{path}: no such text file")
     nx = common.numerics()
-    f, tok, m = common.open_model(model, device, dtype)
+    f, tok, m = common.open_model(model, device, dtype, weights)
     ids = tok.encode(Path(path).read_text(encoding="utf-8", errors="replace"))[:n_tokens]
     if len(ids) < 2:
         raise GGUFRuntimeError(f"{path}: fewer than 2 tokens of text")

@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from gguf_runtime.cli.common import WEIGHTS_HELP
 from gguf_runtime.errors import GGUFRuntimeError
 
 COMMAND_KWARGS = {"help": "Embed texts (BERT, Llama, Mamba GGUFs) with llama-embedding's pooling, normalisation and formats."}
@@ -47,6 +48,7 @@ def command(
     threads: int = typer.Option(0, "-t", "--threads", help="CPU threads (0: torch default)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if present)"),
     dtype: str = typer.Option("f32", "--dtype", help="compute dtype: f32, f16, bf16"),
+    weights: str = typer.Option("auto", "--weights", help="weights in memory: " + WEIGHTS_HELP),
 ):
     from gguf_runtime.cli import common
     from gguf_runtime.tools.embedding import FORMATS, POOLINGS, Embedder, format_embeddings
@@ -68,6 +70,7 @@ def command(
         if v < 0:
             raise GGUFRuntimeError(f"{name} must not be negative, got {v}")
     common.dtype(dtype)
+    common.weights(weights)
     common.threads(threads)
     common.device(device)
     if prompt is not None and len(prompt) > 1:  # llama.cpp's -p overwrites: the last one counts
@@ -86,7 +89,7 @@ def command(
     prompts = process_escapes(text).split(embd_separator)
 
     common.numerics()
-    f, tok, m = common.open_model(model, device, dtype)
+    f, tok, m = common.open_model(model, device, dtype, weights)
     emb = Embedder(m, pooling, n_batch=batch_size, n_ubatch=ubatch_size or None, n_seq_max=parallel, n_ctx=ctx_size)
     if emb.pooling == "rank":
         joiner = "".join(tok.token_to_piece(t) for t, on in ((tok.eos_id, tok.add_eos), (tok.sep_id, tok.add_sep))

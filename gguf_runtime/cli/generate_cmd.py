@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from gguf_runtime.cli.common import WEIGHTS_HELP
 from gguf_runtime.errors import GGUFRuntimeError
 
 COMMAND_KWARGS = {"help": "Generate text from a prompt (greedy with --temp 0, else seeded sampling)."}
@@ -29,6 +30,7 @@ def command(
     threads: int = typer.Option(0, "-t", "--threads", help="CPU threads (0 = torch default)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if present)"),
     dtype: str = typer.Option("f32", "--dtype", help="compute dtype: f32, f16, bf16"),
+    weights: str = typer.Option("auto", "--weights", help="weights in memory: " + WEIGHTS_HELP),
     prompt_cache: Optional[Path] = typer.Option(None, "--prompt-cache",
                                                 help="state file: reuse its longest matching prompt prefix, save after the prompt"),
     prompt_cache_ro: bool = typer.Option(False, "--prompt-cache-ro", help="use --prompt-cache but do not update it"),
@@ -51,9 +53,10 @@ def command(
             raise GGUFRuntimeError(f"{name} must be between 0 and 1, got {v}")
     common.threads(threads)
     common.dtype(dtype)
+    common.weights(weights)
     common.device(device)
     nx = common.numerics()
-    f, tok, m = common.open_model(model, device, dtype)
+    f, tok, m = common.open_model(model, device, dtype, weights)
     ids = tok.encode(prompt, add_special=True)
     if not ids:
         raise GGUFRuntimeError("the prompt tokenized to nothing and the model adds no BOS: give -p")

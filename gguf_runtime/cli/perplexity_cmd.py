@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from gguf_runtime.cli.common import WEIGHTS_HELP
 from gguf_runtime.errors import GGUFRuntimeError
 
 BUNDLED_CHUNKS = 8  # keeps the no-argument demo well under a minute on 2 cores
@@ -77,6 +78,7 @@ def command(
     threads: int = typer.Option(0, "-t", "--threads", help="CPU threads (0: torch default)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if present)"),
     dtype: str = typer.Option("f32", "--dtype", help="compute dtype: f32, f16, bf16"),
+    weights: str = typer.Option("auto", "--weights", help="weights in memory: " + WEIGHTS_HELP),
     hellaswag: bool = typer.Option(False, "--hellaswag", help="HellaSwag score of the tasks in -f"),
     hellaswag_tasks: int = typer.Option(400, "--hellaswag-tasks", help="number of HellaSwag tasks"),
     winogrande: bool = typer.Option(False, "--winogrande", help="WinoGrande score of the CSV in -f"),
@@ -121,6 +123,7 @@ def command(
         check_batch(ctx_size, batch_size)
     common.threads(threads)
     common.dtype(dtype)
+    common.weights(weights)
     common.device(device)
     nx = common.numerics(ggml=ggml_numerics, ctk=cache_type_k, ctv=cache_type_v)
 
@@ -134,7 +137,7 @@ def command(
         _info(f"text: {file} (bundled sample; first {chunks} chunks, --chunks -1 for all)")
     if chunks is None:
         chunks = -1
-    f, tok, m = common.open_model(model, device, dtype)
+    f, tok, m = common.open_model(model, device, dtype, weights)
     if ctx_size == 0:  # llama.cpp: -c 0 is the context the model was trained with
         ctx_size = m.args.n_ctx_train
         _info(f"-c 0: the model's training context, {ctx_size}")
