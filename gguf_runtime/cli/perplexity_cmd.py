@@ -3,6 +3,7 @@ and KL-divergence. Result lines (llama.cpp's) go to stdout, progress and info to
 and no -f it scores SmolLM2-135M on the bundled sample text."""
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 import time
@@ -18,13 +19,19 @@ BUNDLED_CHUNKS = 8  # keeps the no-argument demo well under a minute on 2 cores
 COMMAND_KWARGS = {"help": "Perplexity, HellaSwag, WinoGrande, multiple choice and KL-divergence, as llama-perplexity."}
 
 
+# under torchrun only rank 0 prints (the others compute their share quietly)
+_QUIET = int(os.environ.get("RANK", "0") or 0) > 0
+
+
 def _info(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if not _QUIET:
+        print(msg, file=sys.stderr, flush=True)
 
 
 def _out(msg: str = "", end: str = "\n") -> None:
-    sys.stdout.write(msg + end)
-    sys.stdout.flush()
+    if not _QUIET:
+        sys.stdout.write(msg + end)
+        sys.stdout.flush()
 
 
 def _isatty(stream) -> bool:
@@ -88,6 +95,8 @@ def command(
     kl_divergence_base: Optional[Path] = typer.Option(None, "--kl-divergence-base", "--save-all-logits",
                                                       help="logits file: written by a perplexity run, read by --kl-divergence"),
     kl_divergence: bool = typer.Option(False, "--kl-divergence", help="KL-divergence against --kl-divergence-base"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="record finished chunks in FILE as the run goes; "
+                                          "a run restarted with the same FILE computes only the rest"),
     cache_type_k: Optional[str] = typer.Option(None, "-ctk", "--cache-type-k",
                                                help="KV cache type for K: f32, f16, bf16 (default: --dtype; f16 with --ggml-numerics)"),
     cache_type_v: Optional[str] = typer.Option(None, "-ctv", "--cache-type-v", help="KV cache type for V (as -ctk)"),
@@ -161,7 +170,10 @@ def command(
 
     data = tasks.read_prompt_file(file)
     if mode == "perplexity":
-        _perplexity(m, tok, data, ctx_size, batch_size, ubatch_size, chunks, bos, kl_divergence_base, progress)
+        _perplexity(m, tok, data, ctx_size, batch_size, ubatch_size, chunks, bos, kl_divergence_base, progress,
+                    _runner(resume, model=common_identity(model), text=_digest(data), n_ctx=ctx_size, chunks=chunks,
+                            bos=bos, numerics=nx.describe(), dtype=dtype, device=str(m.device.type)),
+                    resume is not None)
         return
 
     ctx = tasks.make_task_context(m, ctx_size, batch_size, ubatch_size)
@@ -189,8 +201,32 @@ def command(
             tasks.multiple_choice(ctx, tok, mc, emit=_out, progress=upd)
 
 
+def _digest(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def common_identity(path) -> dict:
+    from gguf_runtime.tools.distributed import file_identity
+
+    return file_identity(path)
+
+
+def _runner(resume: Path | None, **key):
+    """The chunk scheduler: this process alone, or torchrun's ranks (gloo on CPU, NCCL on CUDA);
+    with ``--resume`` a log of the finished chunks, checked to belong to this run (``key``)."""
+    from gguf_runtime.tools.distributed import Dist, ResumeLog, Runner, run_key
+
+    dist = Dist.from_env()
+    log = ResumeLog(resume, run_key(**key)) if (resume is not None and dist.is_main) else None
+    if dist.world > 1:
+        _info(f"perplexity: {dist.world} processes share the chunks (torch.distributed)")
+    return Runner(dist, log)
+
+
 def _perplexity(m, tok, data: bytes, n_ctx: int, n_batch: int, n_ubatch: int, chunks: int, bos: int | None,
-                base_path: Path | None, show: bool) -> None:
+                base_path: Path | None, show: bool, runner=None, resuming: bool = False) -> None:
     """llama-perplexity's output: the ``[i]ppl,`` values on one stdout line, each written as its chunk
     is scored (held back only while a progress bar shares the terminal with stdout), then the final
     estimate. On Ctrl-C the values so far and the estimate over the chunks scored are printed before
@@ -207,6 +243,8 @@ def _perplexity(m, tok, data: bytes, n_ctx: int, n_batch: int, n_ubatch: int, ch
     _info(f"perplexity: tokenized the input into {len(ids)} tokens")
     _info(f"perplexity: calculating perplexity over {n_chunk} chunks, n_ctx={n_ctx}, batch_size={min(n_batch, n_seq * n_ctx)}, n_seq={n_seq}")
     writer = None
+    if base_path is not None and runner is not None and (runner.dist.world > 1 or resuming):
+        raise GGUFRuntimeError("--kl-divergence-base is written by one process in one run: drop --resume / torchrun")
     if base_path is not None and n_chunk > 0:
         writer = tasks.LogitsWriter(base_path, n_ctx, m.args.n_vocab, n_chunk, ids)
         _info(f"perplexity: saving all logits to {base_path}")
@@ -216,7 +254,7 @@ def _perplexity(m, tok, data: bytes, n_ctx: int, n_batch: int, n_ubatch: int, ch
     try:
         with _progress("perplexity", show) as upd:
             for r in running_perplexity(make_context(m, n_ctx, n_batch, n_ubatch), ids, n_ctx, n_batch, n_ubatch,
-                                        n_chunk, bos, on_logits=writer):
+                                        n_chunk, bos, on_logits=writer, runner=runner):
                 line.append(f"[{r.n_chunks}]{r.chunk_ppl[-1]:.4f},")
                 if stream:
                     _out(line[-1], end="")
@@ -234,6 +272,8 @@ def _perplexity(m, tok, data: bytes, n_ctx: int, n_batch: int, n_ubatch: int, ch
     finally:
         if writer is not None:
             writer.abort()
+    if r is None:  # a rank other than 0 under torchrun: its chunks went to rank 0
+        return
     _out("" if stream else "".join(line))
     _out(f"Final estimate: PPL = {r.ppl:.4f} +/- {r.ppl_err:.5f}")
     _info(f"perplexity: {r.n_chunks * r.n_ctx} tokens in {r.seconds:.2f} s ({r.tokens_per_s:.1f} tokens/s)")

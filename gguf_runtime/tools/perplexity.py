@@ -30,6 +30,7 @@ import torch
 from ..batch import Batch
 from ..context import Context
 from ..errors import BatchError
+from .distributed import Dist, Runner
 
 ChunkHook = Callable[[int, torch.Tensor, torch.Tensor], None]  # (chunk index, logits (n, V), targets (n,))
 
@@ -88,15 +89,18 @@ def _as_context(ctx_or_model, n_ctx: int, n_batch: int, n_ubatch: int) -> Contex
 
 
 def chunk_logits(ctx: Context, tokens: torch.Tensor, n_ctx: int, n_batch: int, n_chunk: int,
-                 bos: int | None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+                 bos: int | None, ids: Sequence[int] | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Decodes chunks as llama-perplexity does and yields ``(i, logits, targets)`` per chunk, in order:
-    float32 logits of positions first .. n_ctx-2 and the tokens they predict."""
+    float32 logits of positions first .. n_ctx-2 and the tokens they predict. ``ids``: only these
+    chunks (default ``0 .. n_chunk-1``), ``n_seq`` at a time in the order given."""
     first = n_ctx // 2
     n_seq = max(1, n_batch // n_ctx)
     n_parts = -(-n_ctx // n_batch)
-    for i in range(0, n_chunk, n_seq):
-        ns = min(n_seq, n_chunk - i)
-        chunk = tokens[i * n_ctx:(i + ns) * n_ctx].view(ns, n_ctx).clone()
+    ids = list(range(n_chunk)) if ids is None else list(ids)
+    for g in range(0, len(ids), n_seq):
+        group = ids[g:g + n_seq]
+        ns = len(group)
+        chunk = torch.stack([tokens[c * n_ctx:(c + 1) * n_ctx] for c in group]).clone()
         if bos is not None:
             chunk[:, 0] = bos
         ctx.memory.clear()
@@ -111,9 +115,9 @@ def chunk_logits(ctx: Context, tokens: torch.Tensor, n_ctx: int, n_batch: int, n
                 rows.append(ctx.get_logits())
         logits = torch.cat(rows) if len(rows) > 1 else rows[0]
         logits = logits.view(ns, n_ctx - first, -1)
-        for s in range(ns):
-            start = (i + s) * n_ctx
-            yield i + s, logits[s, :-1], tokens[start + first + 1:start + n_ctx]
+        for s, c in enumerate(group):
+            start = c * n_ctx
+            yield c, logits[s, :-1], tokens[start + first + 1:start + n_ctx]
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -127,12 +131,15 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def running_perplexity(ctx_or_model, tokens: Sequence[int] | torch.Tensor, n_ctx: int, n_batch: int = 2048,
                        n_ubatch: int = 512, n_chunks: int | None = None, bos: int | None = None,
-                       on_logits: ChunkHook | None = None) -> Iterator[PerplexityResult]:
+                       on_logits: ChunkHook | None = None, runner: Runner | None = None) -> Iterator[PerplexityResult]:
     """:func:`perplexity`, one chunk at a time: yields the estimate over the chunks scored so far after
     each chunk (``n_chunks`` and ``chunk_ppl`` grow by one each time), so a caller can print the
     ``[i]`` values as they come and still report an estimate when it stops early (Ctrl-C). The last
     value yielded is :func:`perplexity`'s result. ``n_chunks``: at most this many chunks (None or
-    negative: all)."""
+    negative: all). ``runner``: a :class:`~gguf_runtime.tools.distributed.Runner` sharing the chunks
+    among processes and/or resuming from a log (rank 0 yields every estimate, other ranks none; the
+    values are the same to the bit, since each chunk's sums do not depend on where it is computed);
+    ``on_logits`` then sees only this rank's chunks."""
     tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
     n_chunk = check_params(tokens.numel(), n_ctx, n_batch)
     if n_chunks is not None and n_chunks >= 0:
@@ -140,18 +147,27 @@ def running_perplexity(ctx_or_model, tokens: Sequence[int] | torch.Tensor, n_ctx
     if n_chunk <= 0:
         raise BatchError("no chunk to score (--chunks 0)")
     ctx = _as_context(ctx_or_model, n_ctx, n_batch, n_ubatch)
+    n_seq = max(1, n_batch // n_ctx)
+
+    def compute(ids: Sequence[int]) -> list[list[float]]:
+        """Per chunk: the sums of its tokens' NLL and NLL^2, their count and mean (float64)."""
+        out = []
+        for i, logits, targets in chunk_logits(ctx, tokens, n_ctx, n_batch, n_chunk, bos, ids):
+            if on_logits is not None:
+                on_logits(i, logits, targets)
+            v = token_nll(logits, targets)
+            out.append([float(v.sum()), float((v * v).sum()), v.numel(), float(v.mean())])
+        return out
+
     nll = nll2 = 0.0
     count = 0
     chunk_ppl, chunk_nll = [], []
     t0 = time.perf_counter()
-    for i, logits, targets in chunk_logits(ctx, tokens, n_ctx, n_batch, n_chunk, bos):
-        if on_logits is not None:
-            on_logits(i, logits, targets)
-        v = token_nll(logits, targets)
-        nll += float(v.sum())
-        nll2 += float((v * v).sum())
-        count += v.numel()
-        chunk_nll.append(float(v.mean()))
+    for i, (s, s2, n, mean_i) in (runner or Runner(Dist())).iterate(n_chunk, n_seq, compute):
+        nll += s
+        nll2 += s2
+        count += n
+        chunk_nll.append(mean_i)
         chunk_ppl.append(math.exp(nll / count))
         mean, mean2 = nll / count, nll2 / count
         ppl = math.exp(mean)

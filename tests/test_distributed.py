@@ -1,0 +1,83 @@
+"""Data-parallel and resumable evaluation (issue 17): the printed lines are byte-identical for one
+process, two processes under torchrun (gloo), and a run killed with SIGKILL then resumed."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gguf_runtime.tools.distributed import DistError, ResumeLog
+
+CHUNKS = "16"
+
+
+def _ppl_args(gguf_dir, wikitext, *extra):
+    return ["perplexity", "-m", str(gguf_dir / "llama-tiny-f32.gguf"), "-f", str(wikitext), "-c", "128",
+            "--chunks", CHUNKS, "--no-progress", *extra]
+
+
+def _run(args, torchrun: int = 0, timeout=300):
+    cmd = [sys.executable, "-m", "gguf_runtime.cli.main", *args]
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}",
+               "-m", "gguf_runtime.cli.main", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def single(gguf_dir, wikitext):
+    r = _run(_ppl_args(gguf_dir, wikitext))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("[") == int(CHUNKS) and "Final estimate: PPL = " in r.stdout
+    return r.stdout
+
+
+def test_two_processes_print_the_same_bytes(single, gguf_dir, wikitext):
+    """Two gloo ranks, another -b (so other chunks share a batch): the same lines, to the byte."""
+    r = _run(_ppl_args(gguf_dir, wikitext, "-b", "256", "-ub", "64"), torchrun=2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout == single
+    assert "2 processes share the chunks" in r.stderr
+
+
+def test_killed_run_resumes_to_the_same_bytes(single, gguf_dir, wikitext, tmp_path):
+    log = tmp_path / "ppl.resume"
+    args = _ppl_args(gguf_dir, wikitext, "-b", "128", "--resume", str(log))
+    p = subprocess.Popen([sys.executable, "-m", "gguf_runtime.cli.main", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while time.time() - t0 < 120:  # kill it once some, not all, chunks are recorded
+        try:
+            n = len(json.loads(log.read_text())["items"])
+        except (OSError, ValueError, KeyError):
+            n = 0
+        if n >= 2 or p.poll() is not None:
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    done = len(json.loads(log.read_text())["items"])
+    assert 0 < done < int(CHUNKS), done  # really interrupted midway
+    r = _run(args)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == single
+    assert len(json.loads(log.read_text())["items"]) == int(CHUNKS)
+    # a finished log: nothing is recomputed, the same bytes again
+    again = _run(args)
+    assert again.stdout == single and "tokens in" in again.stderr
+
+
+def test_resume_file_of_another_run_is_one_line(gguf_dir, wikitext, tmp_path):
+    log = tmp_path / "ppl.resume"
+    assert _run(_ppl_args(gguf_dir, wikitext, "--resume", str(log))).returncode == 0
+    r = _run(_ppl_args(gguf_dir, wikitext, "--resume", str(log), "-c", "64"))  # other settings
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == f"error: {log}: this resume file was made for another model, input or settings"
+    log.write_text("{broken")
+    with pytest.raises(DistError, match="not a gguf-runtime resume file"):
+        ResumeLog(log, "k")
