@@ -42,7 +42,7 @@ def test_two_processes_print_the_same_bytes(single, gguf_dir, wikitext):
     r = _run(_ppl_args(gguf_dir, wikitext, "-b", "256", "-ub", "64"), torchrun=2)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout == single
-    assert "2 processes share the chunks" in r.stderr
+    assert "2 processes share the work" in r.stderr
 
 
 def test_killed_run_resumes_to_the_same_bytes(single, gguf_dir, wikitext, tmp_path):
@@ -81,3 +81,19 @@ def test_resume_file_of_another_run_is_one_line(gguf_dir, wikitext, tmp_path):
     log.write_text("{broken")
     with pytest.raises(DistError, match="not a gguf-runtime resume file"):
         ResumeLog(log, "k")
+
+
+def test_hellaswag_two_processes_and_resume(gguf_dir, shared, tmp_path):
+    """HellaSwag tasks shared by two ranks print what one process prints; a resumed log reprints them."""
+    args = ["perplexity", "-m", str(gguf_dir / "llama-tiny-f32.gguf"), "-f", str(shared / "data" / "hellaswag_val_full.txt.bz2"),
+            "--hellaswag", "--hellaswag-tasks", "24", "-c", "256", "--no-progress"]
+    one = _run(args)
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.count("\n24\t") == 1
+    two = _run(args + ["-b", "512"], torchrun=2)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout == one.stdout
+    log = tmp_path / "hs.resume"
+    assert _run(args + ["--resume", str(log)]).stdout == one.stdout
+    assert len(json.loads(log.read_text())["items"]) == 24
+    assert _run(args + ["--resume", str(log)]).stdout == one.stdout  # all recorded: printed, not recomputed

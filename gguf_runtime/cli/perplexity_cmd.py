@@ -80,6 +80,7 @@ def command(
     ctx_size: int = typer.Option(512, "-c", "--ctx-size", help="chunk length (perplexity) / context per sequence; 0: the model's training context"),
     batch_size: int = typer.Option(2048, "-b", "--batch-size", help="logical batch: n_batch // c chunks decode together"),
     ubatch_size: int = typer.Option(512, "-ub", "--ubatch-size", help="physical micro-batch"),
+    swa_full: bool = typer.Option(False, "--swa-full", help="sliding-window layers keep every position (full-size SWA cache)"),
     chunks: Optional[int] = typer.Option(None, "--chunks", help="score at most this many chunks (default: all, as -1; "
                                          f"{BUNDLED_CHUNKS} on the bundled text)"),
     threads: int = typer.Option(0, "-t", "--threads", help="CPU threads (0: torch default)"),
@@ -173,10 +174,13 @@ def command(
         _perplexity(m, tok, data, ctx_size, batch_size, ubatch_size, chunks, bos, kl_divergence_base, progress,
                     _runner(resume, model=common_identity(model), text=_digest(data), n_ctx=ctx_size, chunks=chunks,
                             bos=bos, numerics=nx.describe(), dtype=dtype, device=str(m.device.type)),
-                    resume is not None)
+                    resume is not None, swa_full=swa_full)
         return
 
     ctx = tasks.make_task_context(m, ctx_size, batch_size, ubatch_size)
+    runner = _runner(resume, model=common_identity(model), text=_digest(data), mode=mode, n_ctx=ctx_size,
+                     n_tasks=(hellaswag_tasks, winogrande_tasks, multiple_choice_tasks), numerics=nx.describe(),
+                     dtype=dtype, device=str(m.device.type))
     text = data.decode("utf-8", errors="replace")
     if mode == "--hellaswag":
         all_tasks = tasks.load_hellaswag(text)
@@ -184,7 +188,7 @@ def command(
         chosen = tasks.select_hellaswag(all_tasks, hellaswag_tasks)
         _info(f"hellaswag_score : selecting {len(chosen)} {'randomized' if len(chosen) < len(all_tasks) else 'the first'} tasks.")
         with _progress("HellaSwag", progress) as upd:
-            tasks.hellaswag(ctx, tok, chosen, emit=_out, progress=upd)
+            tasks.hellaswag(ctx, tok, chosen, emit=_out, progress=upd, runner=runner)
     elif mode == "--winogrande":
         data_w = tasks.load_winogrande(text, warn=lambda s: _info(f"load_winogrande_from_csv: {s}"))
         if not data_w:
@@ -193,12 +197,12 @@ def command(
         if 0 < winogrande_tasks < len(data_w):
             data_w = [data_w[i] for i in tasks.pick_swap_remove(len(data_w), winogrande_tasks)]
         with _progress("WinoGrande", progress) as upd:
-            tasks.winogrande(ctx, tok, data_w, emit=_out, progress=upd)
+            tasks.winogrande(ctx, tok, data_w, emit=_out, progress=upd, runner=runner)
     else:
         mc = tasks.load_multiple_choice(data, multiple_choice_tasks)
         _info(f"multiple_choice_score : scoring {len(mc)} tasks")
         with _progress("multiple choice", progress) as upd:
-            tasks.multiple_choice(ctx, tok, mc, emit=_out, progress=upd)
+            tasks.multiple_choice(ctx, tok, mc, emit=_out, progress=upd, runner=runner)
 
 
 def _digest(data: bytes) -> str:
@@ -221,12 +225,12 @@ def _runner(resume: Path | None, **key):
     dist = Dist.from_env()
     log = ResumeLog(resume, run_key(**key)) if (resume is not None and dist.is_main) else None
     if dist.world > 1:
-        _info(f"perplexity: {dist.world} processes share the chunks (torch.distributed)")
+        _info(f"perplexity: {dist.world} processes share the work (torch.distributed)")
     return Runner(dist, log)
 
 
 def _perplexity(m, tok, data: bytes, n_ctx: int, n_batch: int, n_ubatch: int, chunks: int, bos: int | None,
-                base_path: Path | None, show: bool, runner=None, resuming: bool = False) -> None:
+                base_path: Path | None, show: bool, runner=None, resuming: bool = False, swa_full: bool = False) -> None:
     """llama-perplexity's output: the ``[i]ppl,`` values on one stdout line, each written as its chunk
     is scored (held back only while a progress bar shares the terminal with stdout), then the final
     estimate. On Ctrl-C the values so far and the estimate over the chunks scored are printed before
@@ -253,7 +257,7 @@ def _perplexity(m, tok, data: bytes, n_ctx: int, n_batch: int, n_ubatch: int, ch
     r = None
     try:
         with _progress("perplexity", show) as upd:
-            for r in running_perplexity(make_context(m, n_ctx, n_batch, n_ubatch), ids, n_ctx, n_batch, n_ubatch,
+            for r in running_perplexity(make_context(m, n_ctx, n_batch, n_ubatch, swa_full), ids, n_ctx, n_batch, n_ubatch,
                                         n_chunk, bos, on_logits=writer, runner=runner):
                 line.append(f"[{r.n_chunks}]{r.chunk_ppl[-1]:.4f},")
                 if stream:

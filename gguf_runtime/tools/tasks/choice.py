@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from ...batch import Batch
 from ...context import Context
+from ..distributed import Dist, Runner
 from ..perplexity import token_nll
 from .data import Emit, HellaSwagTask, MCTask, TaskError, WinograndeTask
 
@@ -181,9 +182,33 @@ def _argmax_first(v: Sequence[float]) -> int:
     return best
 
 
+def each_item(ctx: Context, items: Sequence[_Item], score: Callable[[int, torch.Tensor], object],
+              runner: Runner | None = None, progress: Progress | None = None) -> Iterator[tuple[int, object]]:
+    """``(k, score(k, logits_k))`` for every item in order: items are decoded a round at a time
+    (:meth:`~gguf_runtime.tools.distributed.Runner.iterate`: shared among torchrun's ranks and/or
+    resumed from a log), packed into the context as many at a time as fit. An item's logits do not
+    depend on its neighbours (batch invariance), so neither do the scores."""
+    per_ctx = max(1, ctx.n_seq_max // max(1, max((len(it.seqs) for it in items), default=1)))
+
+    def compute(ids: Sequence[int]) -> list:
+        sub = [items[i] for i in ids]
+        out: dict[int, object] = {}
+
+        def on_group(i0, i1, logits):
+            for j in range(i0, i1):
+                out[j] = score(ids[j], logits[j - i0])
+        decode_items(ctx, sub, on_group)
+        return [out[j] for j in range(len(sub))]
+
+    for k, r in (runner or Runner(Dist())).iterate(len(items), 4 * per_ctx, compute):
+        yield k, r
+        if progress:
+            progress(k + 1, len(items))
+
+
 def _score_endings(ctx: Context, tokenizer, prompts: Sequence[tuple[str, Sequence[str]]], what: str,
                    verdict: Callable[[int, int], bool], line: Callable[[int, ChoiceResult], str],
-                   emit: Emit, progress: Progress | None) -> ChoiceResult:
+                   emit: Emit, progress: Progress | None, runner: Runner | None = None) -> ChoiceResult:
     """HellaSwag / multiple choice: ``tokenize(question + " " + answer)`` with BOS for each answer,
     each scored by the mean log-prob of its tokens after the shared prefix; ``verdict(k, best)``."""
     items = [_Item([tokenizer.encode(q + " " + a, add_special=True) for a in answers], 0, False) for q, answers in prompts]
@@ -193,21 +218,15 @@ def _score_endings(ctx: Context, tokenizer, prompts: Sequence[tuple[str, Sequenc
     res = ChoiceResult(len(items), 0, [], [])
     t0 = time.perf_counter()
 
-    def on_group(i0, i1, logits):
-        for k in range(i0, i1):
-            v = _mean_ending_logprobs(logits[k - i0], items[k])
-            res.add(verdict(k, _argmax_first(v)), v)
-            emit(line(k, res))
-        if progress:
-            progress(i1, len(items))
-
-    decode_items(ctx, items, on_group)
+    for k, v in each_item(ctx, items, lambda k, lg: _mean_ending_logprobs(lg, items[k]), runner, progress):
+        res.add(verdict(k, _argmax_first(v)), v)
+        emit(line(k, res))
     res.seconds = time.perf_counter() - t0
     return res
 
 
 def hellaswag(ctx: Context, tokenizer, tasks: Sequence[HellaSwagTask], emit: Emit | None = None,
-              progress: Progress | None = None) -> ChoiceResult:
+              progress: Progress | None = None, runner: Runner | None = None) -> ChoiceResult:
     """Scores HellaSwag tasks (already selected, see :func:`select_hellaswag`) as llama.cpp does and
     emits its lines: the header, then ``task<TAB>acc_norm%<TAB>[lo%, hi%]`` per task."""
     emit = emit or (lambda s: None)
@@ -218,13 +237,13 @@ def hellaswag(ctx: Context, tokenizer, tasks: Sequence[HellaSwagTask], emit: Emi
         return f"{k + 1}\t{100.0 * r.n_correct / (k + 1):3.8f}%\t[{lo * 100.0:3.4f}%, {hi * 100.0:3.4f}%]"
 
     res = _score_endings(ctx, tokenizer, [(t.context, t.endings) for t in tasks], "HellaSwag",
-                         lambda k, best: best == tasks[k].gold, line, emit, progress)
+                         lambda k, best: best == tasks[k].gold, line, emit, progress, runner)
     emit("")
     return res
 
 
 def multiple_choice(ctx: Context, tokenizer, tasks: Sequence[MCTask], emit: Emit | None = None,
-                    progress: Progress | None = None) -> ChoiceResult:
+                    progress: Progress | None = None, runner: Runner | None = None) -> ChoiceResult:
     """Scores multiple-choice tasks (mc1) as llama.cpp does: ``question + " " + answer``, mean
     log-prob of each answer's tokens, correct when the best answer's label is 1."""
     for k, t in enumerate(tasks):
@@ -234,7 +253,7 @@ def multiple_choice(ctx: Context, tokenizer, tasks: Sequence[MCTask], emit: Emit
     emit("\ntask\tacc_norm")
     res = _score_endings(ctx, tokenizer, [(t.question, t.answers) for t in tasks], "multiple-choice",
                          lambda k, best: tasks[k].labels[best] == 1,
-                         lambda k, r: f"{k + 1}\t{100.0 * r.n_correct / (k + 1):.8f}", emit, progress)
+                         lambda k, r: f"{k + 1}\t{100.0 * r.n_correct / (k + 1):.8f}", emit, progress, runner)
     # llama.cpp's guard against printing this for < 100 tasks never triggers: it is always printed
     n_answers = sum(len(t.answers) for t in tasks)
     f32 = np.float32
@@ -246,7 +265,7 @@ def multiple_choice(ctx: Context, tokenizer, tasks: Sequence[MCTask], emit: Emit
 
 
 def winogrande(ctx: Context, tokenizer, tasks: Sequence[WinograndeTask], emit: Emit | None = None,
-               progress: Progress | None = None) -> ChoiceResult:
+               progress: Progress | None = None, runner: Runner | None = None) -> ChoiceResult:
     """Scores WinoGrande tasks as llama.cpp does; emits ``i<TAB>acc<TAB>score1  score2  result  answer``."""
     k_min_trailing = 3
     items, bases = [], []
@@ -259,28 +278,26 @@ def winogrande(ctx: Context, tokenizer, tasks: Sequence[WinograndeTask], emit: E
     res = ChoiceResult(len(tasks), 0, [], [])
     t0 = time.perf_counter()
 
-    def on_group(i0, i1, logits):
-        for k in range(i0, i1):
-            it, (s0, s1), cp = items[k], items[k].seqs, items[k].cp
-            skip = len(s0) - cp > k_min_trailing and len(s1) - cp > k_min_trailing
-            scores = []
-            for c, seq in enumerate((s0, s1)):
-                nb = bases[k][c] if skip else cp
-                last = 1 if len(seq) - nb > 1 else 0
-                # row of token j's logits: prefix last at 0, then seq 0's tokens, then seq 1's; for the
-                # second sequence llama.cpp starts one row early when the choice is not skipped
-                li = nb - cp if c == 0 else len(s0) - cp + nb - cp
-                js = list(range(nb - 1, len(seq) - 1 - last))
-                lp = _logprobs(logits[k - i0], list(range(li, li + len(js))), [seq[j + 1] for j in js])
-                n = len(seq) - nb - last
-                scores.append(float(np.float32(lp.astype(np.float32).sum(dtype=np.float32)) / np.float32(n)) if n else float("nan"))
-            result = 1 if scores[0] > scores[1] else 2
-            res.add(result == tasks[k].answer, scores)
-            emit(f"{k + 1}\t{100.0 * res.n_correct / (k + 1):.4f}\t{scores[0]:10.6f}  {scores[1]:10.6f}  {result}  {tasks[k].answer}")
-        if progress:
-            progress(i1, len(items))
+    def score(k: int, logits: torch.Tensor) -> list[float]:
+        (s0, s1), cp = items[k].seqs, items[k].cp
+        skip = len(s0) - cp > k_min_trailing and len(s1) - cp > k_min_trailing
+        scores = []
+        for c, seq in enumerate((s0, s1)):
+            nb = bases[k][c] if skip else cp
+            last = 1 if len(seq) - nb > 1 else 0
+            # row of token j's logits: prefix last at 0, then seq 0's tokens, then seq 1's; for the
+            # second sequence llama.cpp starts one row early when the choice is not skipped
+            li = nb - cp if c == 0 else len(s0) - cp + nb - cp
+            js = list(range(nb - 1, len(seq) - 1 - last))
+            lp = _logprobs(logits, list(range(li, li + len(js))), [seq[j + 1] for j in js])
+            n = len(seq) - nb - last
+            scores.append(float(np.float32(lp.astype(np.float32).sum(dtype=np.float32)) / np.float32(n)) if n else float("nan"))
+        return scores
 
-    decode_items(ctx, items, on_group)
+    for k, scores in each_item(ctx, items, score, runner, progress):
+        result = 1 if scores[0] > scores[1] else 2
+        res.add(result == tasks[k].answer, scores)
+        emit(f"{k + 1}\t{100.0 * res.n_correct / (k + 1):.4f}\t{scores[0]:10.6f}  {scores[1]:10.6f}  {result}  {tasks[k].answer}")
     res.seconds = time.perf_counter() - t0
     emit("")
     if res.n_tasks >= 100:
