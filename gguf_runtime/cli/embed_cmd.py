@@ -98,7 +98,16 @@ def command(
     else:
         prompts_tok = prompts
     seqs = [tok.encode(p, add_special=True, parse_special=True) for p in prompts_tok]
-    vecs = emb.embed_tokens(seqs, embd_normalize)
+    from gguf_runtime.tools.distributed import Dist, Runner
+
+    dist = Dist.from_env()  # under torchrun the texts are shared among the ranks; rank 0 alone prints
+    if dist.world == 1:
+        vecs = emb.embed_tokens(seqs, embd_normalize)
+    else:  # a text's vector does not depend on its batch neighbours (batch invariance): same bytes
+        done = Runner(dist).iterate(len(seqs), parallel, lambda ids: emb.embed_tokens([seqs[i] for i in ids], embd_normalize))
+        vecs = [v for _, v in done]
+        if not dist.is_main:
+            return
     import torch
 
     rows = torch.cat(vecs) if emb.pooling == "none" else torch.stack(vecs)
