@@ -18,6 +18,7 @@ COMMAND_KWARGS = {"help": "Show a GGUF file's architecture, metadata and tensors
 
 _LIST_MAX = 8  # arrays longer than this are summarised by their length
 _STR_MAX = 96
+_ROWS_MAX = 500  # metadata rows shown in the table (4x as many tensor rows)
 
 
 def _vtype(f: GGUFFile, key: str) -> str:
@@ -26,9 +27,12 @@ def _vtype(f: GGUFFile, key: str) -> str:
 
 
 def _plain(v):
-    """JSON-safe value: non-finite floats become strings."""
+    """JSON-safe value: non-finite floats become strings; a huge numeric array nested in an array
+    (kept as numpy by the reader) becomes a summary holding its length."""
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
+    if isinstance(v, np.ndarray):
+        return {"type": f"array[{v.dtype.name}]", "length": len(v), "head": _plain(v[:3].tolist())}
     return [_plain(x) for x in v] if isinstance(v, list) else v
 
 
@@ -49,6 +53,41 @@ def _human(n: int) -> str:
     return ""
 
 
+_FAMILIES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "qwen3moe": "Qwen3-MoE", "phi3": "Phi-3",
+             "gpt2": "GPT-2", "mamba": "Mamba", "mamba2": "Mamba-2", "bert": "BERT"}
+
+
+def family(f: GGUFFile) -> dict:
+    """The model family and the hyperparameters that tell its variants apart: experts (used of total),
+    the layers with biases, per-head Q/K norms, the sliding window, learned positions. Read from the
+    metadata and tensor names only; a malformed value is left out, never an error."""
+    arch = f.arch or "?"
+
+    def num(k: str):
+        v = f.metadata.get(f"{arch}.{k}")
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    n_exp, n_used = num("expert_count") or 0, num("expert_used_count") or 0
+    out: dict = {"family": "Mixtral (Llama with experts)" if arch == "llama" and n_exp else _FAMILIES.get(arch, arch)}
+    for key, k in (("layers", "block_count"), ("embedding", "embedding_length"), ("heads", "attention.head_count"),
+                   ("kv_heads", "attention.head_count_kv"), ("context", "context_length"), ("rope_base", "rope.freq_base")):
+        if num(k) is not None:
+            out[key] = num(k)
+    if n_exp:
+        out["experts"] = {"used": n_used, "total": n_exp}
+    names = f.tensor_infos
+    biases = sorted({n.split(".")[2] for n in names if n.startswith("blk.0.") and n.endswith(".bias") and "norm" not in n})
+    if biases:
+        out["biases"] = biases
+    if "blk.0.attn_q_norm.weight" in names and "blk.0.attn_k_norm.weight" in names:
+        out["qk_norm"] = True
+    if num("attention.sliding_window") is not None:
+        out["sliding_window"] = num("attention.sliding_window")
+    if "position_embd.weight" in names:
+        out["positions"] = "learned"
+    return out
+
+
 def report(f: GGUFFile) -> dict:
     """Everything ``inspect`` shows, as plain data (the ``--json`` output)."""
     tensors = [
@@ -66,6 +105,7 @@ def report(f: GGUFFile) -> dict:
     return {
         "path": str(f.path), "file_size": f.file_size, "gguf_version": f.version, "architecture": f.arch,
         "name": f.metadata.get("general.name"), "alignment": f.alignment, "data_offset": f.data_offset,
+        "model": family(f),
         "metadata": {k: _summary(f, k) for k in f.metadata},
         "tensors": tensors,
         "totals": {"tensors": len(tensors), "n_elements": n_el, "n_bytes": n_by,
@@ -92,11 +132,22 @@ def _print(f: GGUFFile, rep: dict) -> None:
               f"name: {escape(str(rep['name'] or '-'))}   tensors: {tot['tensors']}   "
               f"parameters: {tot['n_elements']:,}   data: {_human(tot['n_bytes'])}")
 
+    fam = dict(rep["model"])
+    parts = [f"[bold]{escape(str(fam.pop('family')))}[/bold]"]
+    if "experts" in fam:
+        e = fam.pop("experts")
+        parts.append(f"experts: {e['used']} used of {e['total']}")
+    parts += [f"{k.replace('_', ' ')}: {escape(', '.join(v) if isinstance(v, list) else str(v))}" for k, v in fam.items()]
+    con.print("family: " + "   ".join(parts))
+
     meta = Table(title="metadata", title_justify="left", show_lines=False)
     meta.add_column("key", style="cyan", overflow="fold")
     meta.add_column("type")
     meta.add_column("value", overflow="fold")
-    for k, v in rep["metadata"].items():
+    for i, (k, v) in enumerate(rep["metadata"].items()):
+        if i == _ROWS_MAX:  # a table of thousands of rows takes rich seconds: --json has them all
+            meta.add_row("...", "", f"and {len(rep['metadata']) - i} more keys (see --json)")
+            break
         meta.add_row(escape(k), escape(_vtype(f, k)), _show(v, _vtype(f, k)))
     con.print(meta)
 
@@ -104,6 +155,9 @@ def _print(f: GGUFFile, rep: dict) -> None:
     for col, just in (("#", "right"), ("name", "left"), ("type", "left"), ("shape", "left"), ("bytes", "right")):
         tab.add_column(col, justify=just, overflow="fold")
     for i, t in enumerate(rep["tensors"]):
+        if i == 4 * _ROWS_MAX:
+            tab.add_row("...", f"and {len(rep['tensors']) - i} more tensors (see --json)", "", "", "")
+            break
         tab.add_row(str(i), escape(t["name"]), t["type"], " x ".join(map(str, t["shape"])), f"{t['n_bytes']:,}")
     con.print(tab)
 

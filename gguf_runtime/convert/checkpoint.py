@@ -2,11 +2,15 @@
 
 safetensors files are memory-mapped (``safe_open``), single or sharded through
 ``model.safetensors.index.json``; ``pytorch_model.bin`` (single or sharded) is read only with
-``torch.load(weights_only=True, mmap=True)``, never as an arbitrary pickle.
+``torch.load(weights_only=True, mmap=True)``, never as an arbitrary pickle: a pickle that would
+import or call anything but tensors is refused with one line. safetensors headers are validated
+(:func:`check_safetensors`) before the library maps the file.
 """
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 
 import torch
@@ -19,6 +23,60 @@ _ST_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+
+
+_ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+             "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_ST_MAX_HEADER = 100 << 20  # the safetensors library's own limit
+
+
+def check_safetensors(path: Path) -> None:
+    """Validate a safetensors file's header against the file before the library maps it: header
+    length inside the file, a JSON object of entries with a known dtype, a shape of non-negative
+    ints, and data offsets inside the data area, as long as the shape says, never overlapping."""
+    def bad(msg: str) -> ConvertError:
+        return ConvertError(f"{path}: not a valid safetensors file ({msg})")
+
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            head = fh.read(8)
+            if len(head) < 8:
+                raise bad(f"{size} bytes, no header")
+            n = int.from_bytes(head, "little")
+            if n > size - 8 or n > _ST_MAX_HEADER:
+                raise bad(f"header length {n} exceeds the file ({size} bytes)")
+            raw = fh.read(n)
+    except OSError as e:
+        raise ConvertError(f"{path}: cannot read weights ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise bad("header is not JSON") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    data_size, spans = size - 8 - n, []
+    for name, e in header.items():
+        if name == "__metadata__":
+            if not isinstance(e, dict) or not all(isinstance(v, str) for v in e.values()):
+                raise bad("__metadata__ must map strings to strings")
+            continue
+        if not isinstance(e, dict) or e.get("dtype") not in _ST_SIZES:
+            raise bad(f"tensor {name!r} has no known dtype")
+        shape, offs = e.get("shape"), e.get("data_offsets")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise bad(f"tensor {name!r} has a bad shape {str(shape)[:60]}")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)
+                and 0 <= offs[0] <= offs[1] <= data_size):
+            raise bad(f"tensor {name!r} data offsets {str(offs)[:60]} lie outside the data ({data_size} bytes)")
+        if offs[1] - offs[0] != math.prod(shape) * _ST_SIZES[e["dtype"]]:
+            raise bad(f"tensor {name!r} of shape {shape} {e['dtype']} does not fill its {offs[1] - offs[0]} bytes")
+        if offs[1] > offs[0]:
+            spans.append((offs[0], offs[1], name))
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise bad(f"tensors {n0!r} and {n1!r} overlap")
 
 
 def _parts(d: Path, prefix: str, suffix: str) -> list[str]:
@@ -71,9 +129,12 @@ class Checkpoint:
             path = self.dir / f
             try:
                 if self.kind == "safetensors":
+                    check_safetensors(path)
                     self._open[f] = safe_open(str(path), framework="pt")
                 else:
                     self._open[f] = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+            except ConvertError:
+                raise
             except Exception as e:  # noqa: BLE001 - any loader failure is one line
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise ConvertError(f"{path}: cannot read weights ({msg[:200]})") from None

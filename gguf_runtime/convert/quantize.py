@@ -18,7 +18,9 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType as F
 
+from gguf_runtime.atomic import AtomicWriteError, check_not_input
 from gguf_runtime.errors import ConvertError, UnsupportedError
+from gguf_runtime.gguf.hparams import MAX_LAYERS, HParams
 from gguf_runtime.gguf.reader import GGUFFile
 
 from .kquants import BLOCK_BYTES, quantize_k
@@ -145,20 +147,19 @@ def encode(x, qtype: Q, device=None) -> np.ndarray:
     return gguf.quants.quantize(np.asarray(x.cpu() if hasattr(x, "cpu") else x, dtype=np.float32), qtype)
 
 
-def _copy_kv(w: gguf.GGUFWriter, reader: gguf.GGUFReader, skip: set[str]) -> None:
+def _copy_kv(w: gguf.GGUFWriter, f: GGUFFile, skip: set[str]) -> None:
+    """Copy ``f``'s metadata (already parsed and validated by our reader) to ``w``, types kept."""
     V = gguf.GGUFValueType
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in skip:
+    for key, val in f.metadata.items():
+        if key in skip:
             continue
-        vtype = field.types[0]
+        vtype, sub = f.field_types[key]
         if vtype == V.ARRAY:
-            sub = field.types[-1]
-            if len(field.types) > 2 or not field.data:
+            if sub == V.ARRAY or len(val) == 0:
                 continue  # nested or empty arrays: gguf-py's writer cannot write them
-            val = [bytes(field.parts[i]) for i in field.data] if sub == V.STRING else field.contents()
-            w.add_key_value(key, val, vtype, sub_type=sub)
+            w.add_key_value(key, val.tolist() if isinstance(val, np.ndarray) else list(val), vtype, sub_type=sub)
         else:
-            w.add_key_value(key, bytes(field.parts[-1]) if vtype == V.STRING else field.contents(), vtype)
+            w.add_key_value(key, val, vtype)
 
 
 def quantize(src: str | Path, dst: str | Path, type_name: str, pure: bool = False, progress: bool = True,
@@ -166,14 +167,18 @@ def quantize(src: str | Path, dst: str | Path, type_name: str, pure: bool = Fals
     """Quantize GGUF ``src`` to ``dst`` as llama-quantize ``src dst TYPE`` (``--pure``: no mixes)."""
     src, dst = Path(src), Path(dst)
     name, ftype, default = resolve(type_name)
-    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
-        raise ConvertError(f"{dst}: output would overwrite the input")
+    try:
+        check_not_input(dst, [src])  # same inode: the path itself, a symlink or a hard link
+    except AtomicWriteError as e:
+        raise ConvertError(str(e)) from None
     f = GGUFFile(src)
     arch = f.arch
+    hp = HParams(f)
     names = sorted(f.tensor_infos, key=lambda n: (layer_of(n), n))  # llama.cpp's weight order
-    mixer = Mixer(ftype, default, arch, int(f.get("{arch}.block_count", 0) or 0),
-                  n_expert=int(f.get("{arch}.expert_count", 0) or 0), tied="output.weight" not in names,
-                  is_70b=arch == "llama" and f.get("{arch}.block_count") == 80
+    n_layer = hp.int("block_count", 0, lo=0, hi=MAX_LAYERS)
+    mixer = Mixer(ftype, default, arch, n_layer, n_expert=hp.int("expert_count", 0, lo=0),
+                  tied="output.weight" not in names,
+                  is_70b=arch == "llama" and n_layer == 80
                   and f.get("{arch}.attention.head_count") != f.get("{arch}.attention.head_count_kv"),
                   n_attn_v=sum(category(n) in _ATTN_V for n in names))
     plans = []
@@ -189,9 +194,11 @@ def quantize(src: str | Path, dst: str | Path, type_name: str, pure: bool = Fals
         plans.append(TensorPlan(n, info.shape, t))
 
     w = gguf.GGUFWriter(None, arch)
+    if "general.alignment" in f.metadata:  # the data must be laid out as the copied key says
+        w.add_custom_alignment(f.alignment)
     add_infos(w, plans)
-    _copy_kv(w, gguf.GGUFReader(src), {gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE,
-                                       gguf.Keys.General.QUANTIZATION_VERSION})
+    _copy_kv(w, f, {gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE, gguf.Keys.General.QUANTIZATION_VERSION,
+                    gguf.Keys.General.ALIGNMENT})
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_file_type(ftype)
 
@@ -202,4 +209,4 @@ def quantize(src: str | Path, dst: str | Path, type_name: str, pure: bool = Fals
             else:
                 yield p.name, encode(f.tensor(p.name), p.qtype, device)
 
-    return write_gguf(w, dst, plans, data(), progress, f"quantize {name}")
+    return write_gguf(w, dst, plans, data(), progress, f"quantize {name}", inputs=[src])

@@ -1,10 +1,11 @@
 """Streaming GGUF output: tensor infos first, then each tensor's data as it is produced, into a
-temporary file beside the target that is renamed only once complete. A failure or an interrupt
-(Ctrl-C, SIGTERM) removes the temporary file, so no partial output is ever left behind."""
+temporary file beside the target (:class:`gguf_runtime.atomic.AtomicFile`) that is flushed to disk and
+renamed only once complete. A failure or an interrupt (Ctrl-C, SIGTERM) removes the temporary file; a
+SIGKILL leaves it, and the next write to the same name removes it. No partial output is ever visible
+under the target's name."""
 from __future__ import annotations
 
 import math
-import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
+from gguf_runtime.atomic import AtomicFile, AtomicWriteError
 from gguf_runtime.errors import ConvertError
 
 
@@ -67,31 +69,48 @@ def _progress(enabled: bool, total: int, label: str):
 
 
 def write_gguf(w: gguf.GGUFWriter, path: Path, plans: list[TensorPlan], data: Iterator[tuple[str, np.ndarray]],
-               progress: bool = True, label: str = "writing") -> Path:
+               progress: bool = True, label: str = "writing", inputs: Iterable = ()) -> Path:
     """Write ``w``'s metadata, the ``plans`` tensor infos (already added) and the arrays ``data``
-    yields, in plan order, to ``path`` through a temporary file."""
+    yields, in plan order, to ``path`` through :class:`~gguf_runtime.atomic.AtomicFile` (never over
+    one of ``inputs``)."""
     path = Path(path)
     if not path.parent.is_dir():
         raise ConvertError(f"{path.parent}: output folder does not exist")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
         with _sigterm_as_interrupt():
-            w.write_header_to_file(path=tmp)
-            w.write_kv_data_to_file()
-            w.write_ti_data_to_file()
-            with _progress(progress, sum(p.nbytes for p in plans), label) as advance:
-                for plan in plans:
-                    name, arr = next(data)
-                    arr = np.ascontiguousarray(arr)
-                    if name != plan.name or arr.nbytes != plan.nbytes:
-                        raise ConvertError(f"{name}: produced {arr.nbytes} bytes, planned {plan.name} with {plan.nbytes}")
-                    w.write_tensor_data(arr)
-                    advance(arr.nbytes)
-            w.close()
-            os.replace(tmp, path)
+            out = AtomicFile(path, inputs)
+            try:
+                w.write_header_to_file(path=out.tmp)  # gguf-py opens the temporary file by name
+                w.write_kv_data_to_file()
+                w.write_ti_data_to_file()
+                with _progress(progress, sum(p.nbytes for p in plans), label) as advance:
+                    for plan in plans:
+                        name, arr = next(data)
+                        arr = np.ascontiguousarray(arr)
+                        if name != plan.name or arr.nbytes != plan.nbytes:
+                            raise ConvertError(f"{name}: produced {arr.nbytes} bytes, planned {plan.name} "
+                                               f"with {plan.nbytes}")
+                        w.write_tensor_data(arr)
+                        advance(arr.nbytes)
+                w.close()
+                out.commit()
+            finally:
+                _close_quietly(w)
+                out.abort()  # no-op once committed
+    except AtomicWriteError as e:
+        raise ConvertError(str(e)) from None
     except OSError as e:
         raise ConvertError(f"{path}: cannot write ({e.strerror or e})") from None
-    finally:
-        w.close()
-        tmp.unlink(missing_ok=True)
     return path
+
+
+def _close_quietly(w: gguf.GGUFWriter) -> None:
+    """Close gguf-py's handle without letting a second failure (a full or read-only disk) mask the first."""
+    try:
+        w.close()
+    except OSError:
+        for f in getattr(w, "fout", None) or []:
+            try:
+                f.close()
+            except OSError:
+                pass

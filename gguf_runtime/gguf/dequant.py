@@ -420,6 +420,8 @@ def dequantize(raw, qtype: GGMLQuantizationType, shape, device=None, dtype=torch
     n_el = math.prod(shape)
     if any(s < 0 for s in shape) or (shape[-1] if shape else 1) % bs:
         raise GGUFFormatError(f"shape {shape} is not valid for {qtype.name} (rows must be a multiple of {bs})")
+    if math.prod(max(s, 1) for s in shape) >= 1 << 63:  # strides of even a zero-element tensor must fit int64
+        raise GGUFFormatError(f"shape {shape} is too large (its strides overflow int64)")
     if out is not None:
         if tuple(out.shape) != shape or not out.is_contiguous() or not out.is_floating_point():
             raise ValueError(f"out must be a contiguous floating tensor of shape {shape}")

@@ -67,6 +67,8 @@ class HParams:
 
     def bool(self, k: str, default=_MISSING) -> bool:
         v = self.raw(k, default)
+        if v is default and default is not _MISSING:
+            return v
         if not isinstance(v, bool):
             raise self.fail(f"{self.key(k)} = {_show(v)} must be a boolean")
         return v
@@ -97,7 +99,25 @@ class HParams:
         return vals
 
     def n_layer(self) -> int:
-        return self.int("block_count", hi=MAX_LAYERS)
+        """``block_count``, checked against the tensors: the last layer must have tensors
+        (``blk.{n-1}.*``, or ``enc.blk`` / ``dec.blk``), so that a lying count fails at once instead
+        of building thousands of empty layers first."""
+        n = self.int("block_count", hi=MAX_LAYERS)
+        top = self._top_block()
+        if top < n - 1:
+            have = f"the tensors stop at blk.{top}" if top >= 0 else "the file has no blk.N tensors"
+            raise self.fail(f"{self.key('block_count')} = {n} but {have}")
+        return n
+
+    def _top_block(self) -> int:
+        top = -1
+        for name in self.f.tensor_infos:
+            parts = name.split(".")
+            for i in range(len(parts) - 2):
+                if parts[i] == "blk" and parts[i + 1].isdigit():
+                    top = max(top, int(parts[i + 1]))
+                    break
+        return top
 
     def tensor_shape(self, name: str) -> tuple[int, ...]:
         info = self.f.tensor_infos.get(name)

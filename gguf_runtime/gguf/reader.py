@@ -6,9 +6,13 @@ arrays of more than 2^20 elements, which stay read-only numpy views of the map.
 ``GGUFFile(path)`` checks the whole header before anything else touches the file: magic, version
 (2 or 3), counts that fit in the file, string and array lengths inside the file, known value and
 ggml type ids, tensor dimensions (at most 4, non-negative, no overflow), offsets aligned to
-``general.alignment`` and tensor data inside the file. Any problem is one ``GGUFFormatError`` line;
-nothing is allocated in proportion to a count read from the file before that count is checked
-against the file size.
+``general.alignment`` (a non-zero power-of-two UINT32, as ggml checks it), tensor data inside the
+file and never overlapping another tensor's, BOOL values 0 or 1, tensor names under 64 bytes
+(GGML_MAX_NAME), and strides that fit int64 even for zero-element tensors. Any problem is one
+``GGUFFormatError`` line; nothing is allocated in proportion to a count read from the file before
+that count is checked against the file size, and :data:`MAX_KV`, :data:`MAX_TENSORS` and
+:data:`MAX_STRINGS` bound the Python objects a header can ask for. Only regular files are opened
+(non-blocking: a FIFO or a device is refused without a read).
 
 Tensor data is never copied when the file is opened: ``raw(name)`` is a zero-copy uint8 view of
 the map and ``tensor(name)`` dequantizes just that tensor. Formats and constants come from gguf-py
@@ -20,6 +24,8 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +40,7 @@ from ..errors import GGUFFormatError, GGUFRuntimeError, UnsupportedError
 V = GGUFValueType
 _SCALARS: dict[GGUFValueType, str] = {  # value type -> struct code (little-endian, standard sizes)
     V.UINT8: "B", V.INT8: "b", V.UINT16: "H", V.INT16: "h", V.UINT32: "I", V.INT32: "i",
-    V.FLOAT32: "f", V.UINT64: "Q", V.INT64: "q", V.FLOAT64: "d", V.BOOL: "?",
+    V.FLOAT32: "f", V.UINT64: "Q", V.INT64: "q", V.FLOAT64: "d", V.BOOL: "B",  # BOOL: a byte, 0 or 1
 }
 _MIN_SIZE = {**{t: struct.calcsize("<" + c) for t, c in _SCALARS.items()}, V.STRING: 8, V.ARRAY: 12}
 _MIN_KV = 8 + 4 + 1  # key length, value type, smallest value
@@ -43,6 +49,13 @@ _MAX_DIMS = 4
 _MAX_DEPTH = 4  # nesting of arrays of arrays
 _LIST_MAX = 1 << 20  # longer numeric arrays stay read-only numpy views instead of Python lists
 _INT64_MAX = (1 << 63) - 1
+# Limits beyond the file-size bounds, so that the Python objects built from a header stay within a
+# small multiple of the file (real files hold a few hundred keys, a few thousand tensors and at most
+# a few hundred thousand vocabulary strings).
+MAX_KV = 1 << 16  # metadata keys
+MAX_TENSORS = 1 << 20  # tensor infos
+MAX_STRINGS = 1 << 23  # strings in all metadata arrays together
+MAX_NAME = 64  # tensor name length in bytes, GGML_MAX_NAME (ggml refuses names of 64 bytes or more)
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,8 @@ class _Header:
 
     def __init__(self, buf: mmap.mmap, size: int, where: str):
         self.buf, self.size, self.where, self.pos = buf, size, where, 0
+        self.view = memoryview(buf)
+        self.n_strings = 0
 
     def fail(self, msg: str) -> GGUFFormatError:
         return GGUFFormatError(f"{self.where}: {msg}")
@@ -84,10 +99,10 @@ class _Header:
     def string(self, what: str) -> str:
         n = self.unpack("<Q", f"length of {what}")
         self.need(n, what)
-        raw = self.buf[self.pos:self.pos + n]
+        raw = self.view[self.pos:self.pos + n]
         self.pos += n
         try:
-            return raw.decode("utf-8")
+            return str(raw, "utf-8")
         except UnicodeDecodeError:
             raise self.fail(f"{what} at offset {self.pos - n} is not valid UTF-8") from None
 
@@ -104,6 +119,8 @@ class _Header:
             raise self.fail(f"{what} has unknown value type id {t}") from None
 
     def value(self, vtype: GGUFValueType, what: str, depth: int = 0):
+        if vtype == V.BOOL:
+            return self.boolean(self.unpack("<B", what), what)
         if vtype in _SCALARS:
             return self.unpack("<" + _SCALARS[vtype], what)
         if vtype == V.STRING:
@@ -115,14 +132,28 @@ class _Header:
         if itype in _SCALARS:
             dt = np.dtype("<" + _SCALARS[itype])
             vals = np.frombuffer(self.buf, dtype=dt, count=n, offset=self.pos)
+            if itype == V.BOOL:
+                if n and int(vals.max()) > 1:
+                    i = int(np.argmax(vals > 1))
+                    raise self.fail(f"{what}[{i}] at offset {self.pos + i} is a BOOL of value {int(vals[i])} "
+                                    f"(must be 0 or 1)")
+                vals = vals.view(np.bool_)
             self.pos += n * dt.itemsize
             return vals.tolist() if n <= _LIST_MAX else vals
         if itype == V.STRING:
             return self.strings(n, what)
         return [self.value(itype, f"{what}[{i}]", depth + 1) for i in range(n)]
 
+    def boolean(self, b: int, what: str) -> bool:
+        if b > 1:
+            raise self.fail(f"{what} at offset {self.pos - 1} is a BOOL of value {b} (must be 0 or 1)")
+        return bool(b)
+
     def strings(self, n: int, what: str) -> list[str]:
-        buf, pos, size, out = self.buf, self.pos, self.size, []
+        self.n_strings += n
+        if self.n_strings > MAX_STRINGS:
+            raise self.fail(f"{what}: more than {MAX_STRINGS} strings in the metadata arrays")
+        buf, pos, size, out = self.view, self.pos, self.size, []
         unpack = struct.Struct("<Q").unpack_from
         for i in range(n):  # metadata only (vocabularies); lengths checked against the file
             if size - pos < 8:
@@ -132,9 +163,8 @@ class _Header:
             if ln > size - pos - 8:
                 self.pos = pos + 8
                 self.need(ln, f"{what}[{i}]")
-            s = buf[pos + 8:pos + 8 + ln]
             try:
-                out.append(s.decode("utf-8"))
+                out.append(str(buf[pos + 8:pos + 8 + ln], "utf-8"))
             except UnicodeDecodeError:
                 raise self.fail(f"{what}[{i}] is not valid UTF-8") from None
             pos += 8 + ln
@@ -144,6 +174,14 @@ class _Header:
 
 def _parse(buf: mmap.mmap, size: int, where: str):
     h = _Header(buf, size, where)
+    try:
+        return _parse_header(h, buf, size)
+    finally:
+        h.view.release()  # the map must stay closable
+
+
+def _parse_header(h: _Header, buf: mmap.mmap, size: int):
+    where = h.where
     h.need(4, "magic")
     magic = bytes(buf[0:4])
     if magic != b"GGUF":
@@ -157,6 +195,10 @@ def _parse(buf: mmap.mmap, size: int, where: str):
     n_tensors, n_kv = h.unpack("<QQ", "tensor and metadata counts")
     h.count(n_kv, _MIN_KV, "metadata count")
     h.count(n_tensors, _MIN_TENSOR_INFO, "tensor count")
+    if n_kv > MAX_KV:
+        raise h.fail(f"metadata count {n_kv} exceeds the limit of {MAX_KV} keys")
+    if n_tensors > MAX_TENSORS:
+        raise h.fail(f"tensor count {n_tensors} exceeds the limit of {MAX_TENSORS}")
 
     metadata: dict = {}
     types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}
@@ -181,6 +223,8 @@ def _parse(buf: mmap.mmap, size: int, where: str):
     raw_infos = []
     for i in range(n_tensors):
         name = h.string(f"name of tensor #{i}")
+        if len(name.encode()) >= MAX_NAME:
+            raise h.fail(f"tensor #{i} name {name[:40]!r}... is {len(name.encode())} bytes long (at most {MAX_NAME - 1})")
         n_dims = h.unpack("<I", f"rank of tensor {name!r}")
         if n_dims > _MAX_DIMS:
             raise h.fail(f"tensor {name!r} has {n_dims} dimensions (at most {_MAX_DIMS})")
@@ -194,7 +238,8 @@ def _parse(buf: mmap.mmap, size: int, where: str):
     for name, dims, type_id, offset in raw_infos:
         if name in infos:
             raise h.fail(f"duplicate tensor name {name!r}")
-        if any(d > _INT64_MAX for d in dims) or math.prod(dims) > _INT64_MAX:
+        # max(d, 1): a zero-element tensor must still have strides that fit int64 (torch needs them)
+        if any(d > _INT64_MAX for d in dims) or math.prod(max(d, 1) for d in dims) > _INT64_MAX:
             raise h.fail(f"tensor {name!r} has an absurd shape {list(dims)} (element count overflows int64)")
         try:
             qtype = GGMLQuantizationType(type_id)
@@ -213,7 +258,16 @@ def _parse(buf: mmap.mmap, size: int, where: str):
             raise h.fail(f"tensor {name!r} data [{start}, {start + n_bytes}) lies past the end of the file "
                          f"({size} bytes): truncated?")
         infos[name] = TensorInfo(name, qtype, tuple(reversed(dims)), n_bytes, start)
+    _check_overlaps(h, infos)
     return version, metadata, types, alignment, data_start, infos
+
+
+def _check_overlaps(h: _Header, infos: dict[str, TensorInfo]) -> None:
+    """No two tensors share a byte (ggml insists on consecutive, padded data; gaps are allowed here)."""
+    spans = sorted((i.offset, i.offset + i.n_bytes, i.name) for i in infos.values() if i.n_bytes)
+    for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise h.fail(f"tensor {n1!r} data [{s1}, {e1}) overlaps tensor {n0!r} data [{s0}, {e0})")
 
 
 class GGUFFile:
@@ -229,12 +283,18 @@ class GGUFFile:
             raise GGUFFormatError(f"{where}: is a directory, not a GGUF file")
         if not self.path.is_file():
             raise GGUFFormatError(f"{where}: not a regular file")
-        try:
-            with open(self.path, "rb") as f:
-                self.file_size = f.seek(0, 2)
+        try:  # O_NONBLOCK: a FIFO swapped in after the checks above must not block the open
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise GGUFFormatError(f"{where}: not a regular file")
+                self.file_size = st.st_size
                 if self.file_size == 0:
                     raise GGUFFormatError(f"{where}: empty file, not a GGUF file")
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            finally:
+                os.close(fd)
         except OSError as e:
             raise GGUFFormatError(f"{where}: cannot read ({e.strerror or e})") from None
         (self.version, self.metadata, self.field_types, self.alignment, self.data_offset,

@@ -177,6 +177,9 @@ def load_weights(model: Model, f: GGUFFile, lazy: bool = False) -> None:
                 if isinstance(mod, Linear):
                     mod.source = FileWeight(info.qtype.name, f, src)
                 continue
+            if kind in kinds.transforms and _numel(info.shape) != p.numel():  # before the transform sees it
+                raise GGUFFormatError(f"{where}: {arch} tensor {src} has shape {tuple(info.shape)}, "
+                                      f"expected {tuple(p.shape)} from the metadata")
             t = cache.get(src)
             if t is None:
                 t = cache[src] = f.tensor(src, device=model.device, dtype=model.dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bz2
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,16 +80,61 @@ def pick_swap_remove(n_total: int, n: int) -> list[int]:
 
 
 # -- files -------------------------------------------------------------------------------------
+MAX_PROMPT_BYTES = 1 << 31  # a -f file (or what a .bz2 unpacks to) larger than this is refused
+
+
 def read_prompt_file(path: str | os.PathLike) -> bytes:
-    """A ``-f`` file as llama.cpp reads it: raw bytes, one trailing newline dropped (.bz2 unpacked)."""
+    """A ``-f`` file as llama.cpp reads it: raw bytes, one trailing newline dropped (.bz2 unpacked).
+
+    Only regular files are read: a directory, FIFO, socket or device (``/dev/zero``) is refused
+    before it is opened for reading (the open itself never blocks), and so is anything over
+    :data:`MAX_PROMPT_BYTES`, unpacked or not."""
     p = Path(path)
     try:
-        data = bz2.decompress(p.read_bytes()) if p.suffix == ".bz2" else p.read_bytes()
+        st = os.stat(p)
     except FileNotFoundError:
         raise TaskError(f"file not found: {p}") from None
-    except (OSError, ValueError) as e:
-        raise TaskError(f"cannot read {p}: {e}") from None
+    except OSError as e:
+        raise TaskError(f"cannot read {p}: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise TaskError(f"cannot read {p}: is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise TaskError(f"cannot read {p}: not a regular file (a FIFO, socket or device)")
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):  # swapped after the first check
+                raise TaskError(f"cannot read {p}: not a regular file (a FIFO, socket or device)")
+            if st.st_size > MAX_PROMPT_BYTES:
+                raise TaskError(f"cannot read {p}: {st.st_size} bytes is over the limit of {MAX_PROMPT_BYTES}")
+            raw = f.read(MAX_PROMPT_BYTES + 1)
+        data = _bunzip(raw, p) if p.suffix == ".bz2" else raw
+    except (OSError, ValueError, EOFError) as e:
+        raise TaskError(f"cannot read {p}: {getattr(e, 'strerror', None) or e}") from None
+    if len(data) > MAX_PROMPT_BYTES:
+        raise TaskError(f"cannot read {p}: over the limit of {MAX_PROMPT_BYTES} bytes")
     return data[:-1] if data.endswith(b"\n") else data
+
+
+def _bunzip(raw: bytes, p: Path) -> bytes:
+    """bz2 streams (concatenated, as bz2.decompress reads them), refusing output over the limit."""
+    out, total = [], 0
+    while raw:
+        d, data = bz2.BZ2Decompressor(), raw
+        while True:
+            chunk = d.decompress(data, max_length=1 << 24)
+            data = b""
+            total += len(chunk)
+            if total > MAX_PROMPT_BYTES:
+                raise TaskError(f"cannot read {p}: unpacks to over {MAX_PROMPT_BYTES} bytes")
+            out.append(chunk)
+            if d.eof:
+                break
+            if d.needs_input:
+                raise TaskError(f"cannot read {p}: truncated bz2 data")
+        raw = d.unused_data
+    return b"".join(out)
 
 
 def _text(data: bytes) -> str:
