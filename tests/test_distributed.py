@@ -157,3 +157,21 @@ def test_embed_two_processes_same_json(gguf_dir, tmp_path):
     two = _run(args + ["-np", "2"], torchrun=2)
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout == one.stdout
+
+
+def test_kl_divergence_two_processes(gguf_dir, wikitext, tmp_path):
+    base = tmp_path / "base.kld"
+    r = _run(["perplexity", "-m", str(gguf_dir / "llama-tiny-f32.gguf"), "-f", str(wikitext), "-c", "128",
+              "--chunks", "6", "--no-progress", "--kl-divergence-base", str(base)])
+    assert r.returncode == 0, r.stderr
+    args = ["perplexity", "-m", str(gguf_dir / "llama-tiny-Q4_K_M.gguf"), "--kl-divergence-base", str(base),
+            "--kl-divergence", "--no-progress", "-c", "128"]
+    one = _run(args)
+    assert one.returncode == 0, one.stderr
+    assert "Mean    KLD:" in one.stdout or "KLD" in one.stdout
+    two = _run(args + ["-b", "256"], torchrun=2)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout == one.stdout
+    log = tmp_path / "kld.resume"
+    assert _run(args + ["--resume", str(log)]).stdout == one.stdout
+    assert _run(args + ["--resume", str(log)]).stdout == one.stdout

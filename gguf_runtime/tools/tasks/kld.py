@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import tempfile
 
+from ...atomic import AtomicFile, AtomicWriteError
 from ...context import Context
+from ..distributed import Dist, Runner
 from ..perplexity import check_params, chunk_logits, make_context
 from .choice import Progress
 from .data import Emit, TaskError
@@ -42,30 +43,37 @@ def quantize_log_probs(logits: torch.Tensor) -> np.ndarray:
 
 class LogitsWriter:
     """Writes llama.cpp's ``--kl-divergence-base`` file; use as ``perplexity(..., on_logits=w)``.
-    The file appears under its name only when :meth:`close` succeeds."""
+    The file appears under its name, complete, only when :meth:`close` succeeds (an
+    :class:`~gguf_runtime.atomic.AtomicFile`: fsync, then rename); :meth:`abort` removes it."""
 
     def __init__(self, path: str | os.PathLike, n_ctx: int, n_vocab: int, n_chunk: int, tokens: torch.Tensor):
         self.path = Path(path)
         try:
-            fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".part")
-        except OSError as e:
-            raise TaskError(f"cannot write logits file {path}: {e.strerror or e}") from None
-        self.f = os.fdopen(fd, "wb")
+            self.f = AtomicFile(self.path)
+        except AtomicWriteError as e:
+            raise TaskError(f"cannot write logits file {e}") from None
+        self.tmp = self.f.tmp
         self.n_chunk = n_chunk
-        self.f.write(b"_logits_" + struct.pack("<iii", n_ctx, n_vocab, n_chunk))
-        self.f.write(tokens[:n_chunk * n_ctx].to(torch.int32).numpy().tobytes())
+        self._write(b"_logits_" + struct.pack("<iii", n_ctx, n_vocab, n_chunk))
+        self._write(tokens[:n_chunk * n_ctx].to(torch.int32).numpy().tobytes())
+
+    def _write(self, b: bytes) -> None:
+        try:
+            self.f.write(b)
+        except AtomicWriteError as e:  # the temporary file is already gone
+            raise TaskError(f"cannot write logits file {e}") from None
 
     def __call__(self, i: int, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        self.f.write(quantize_log_probs(logits).tobytes())
+        self._write(quantize_log_probs(logits).tobytes())
 
     def close(self) -> None:
-        self.f.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self.f.commit()
+        except AtomicWriteError as e:
+            raise TaskError(f"cannot write logits file {e}") from None
 
     def abort(self) -> None:
-        self.f.close()
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
+        self.f.abort()
 
 
 @dataclass
@@ -123,6 +131,12 @@ class KLDStats:
     p_diff_values: list[np.ndarray] = field(default_factory=list)
 
     def add(self, logits: torch.Tensor, base: np.ndarray, targets: torch.Tensor) -> None:
+        self.merge(self.terms(logits, base, targets))
+
+    @staticmethod
+    def terms(logits: torch.Tensor, base: np.ndarray, targets: torch.Tensor) -> dict:
+        """One chunk's contribution (its sums, counts and per-token values), for :meth:`merge`; it
+        depends on that chunk alone, so any process may compute it."""
         l = logits.float()
         dev = l.device
         t = targets.to(dev).view(-1, 1)
@@ -141,22 +155,23 @@ class KLDStats:
         kld = torch.where(p_log_base > -16, term, torch.zeros_like(term)).double().sum(-1)
         p_diff = torch.exp(-nll) - torch.exp(-nll_base)
         d = lambda x: float(x.double().sum())  # noqa: E731
-        self.sum_nll += d(nll)
-        self.sum_nll2 += d(nll * nll)
-        self.sum_nll_base += d(nll_base)
-        self.sum_nll_base2 += d(nll_base * nll_base)
-        self.sum_nll_nll_base += d(nll * nll_base)
-        self.sum_kld += float(kld.sum())
-        self.sum_kld2 += float((kld * kld).sum())
         pd2 = (p_diff * p_diff).double()
-        self.sum_p_diff += d(p_diff)
-        self.sum_p_diff2 += float(pd2.sum())
-        self.sum_p_diff4 += float((pd2 * pd2).sum())
-        self.max_p_diff = max(self.max_p_diff, float(p_diff.abs().max()))
-        self.n_same_top += int((imax.squeeze(-1) == imax_base).sum())
-        self.count += l.shape[0]
-        self.kld_values.append(kld.float().cpu().numpy())
-        self.p_diff_values.append(p_diff.cpu().numpy())
+        return {"sum_nll": d(nll), "sum_nll2": d(nll * nll), "sum_nll_base": d(nll_base),
+                "sum_nll_base2": d(nll_base * nll_base), "sum_nll_nll_base": d(nll * nll_base),
+                "sum_kld": float(kld.sum()), "sum_kld2": float((kld * kld).sum()), "sum_p_diff": d(p_diff),
+                "sum_p_diff2": float(pd2.sum()), "sum_p_diff4": float((pd2 * pd2).sum()),
+                "max_p_diff": float(p_diff.abs().max()), "n_same_top": int((imax.squeeze(-1) == imax_base).sum()),
+                "count": l.shape[0], "kld_values": kld.float().cpu().numpy().tolist(),
+                "p_diff_values": p_diff.cpu().numpy().tolist()}
+
+    def merge(self, t: dict) -> None:
+        """Add one chunk's :meth:`terms` (chunks merged in order give the same sums as one pass)."""
+        for k in ("sum_nll", "sum_nll2", "sum_nll_base", "sum_nll_base2", "sum_nll_nll_base", "sum_kld", "sum_kld2",
+                  "sum_p_diff", "sum_p_diff2", "sum_p_diff4", "n_same_top", "count"):
+            setattr(self, k, getattr(self, k) + t[k])
+        self.max_p_diff = max(self.max_p_diff, t["max_p_diff"])
+        self.kld_values.append(np.asarray(t["kld_values"], dtype=np.float32))
+        self.p_diff_values.append(np.asarray(t["p_diff_values"], dtype=np.float32))
 
     @staticmethod
     def _mu(s: float, s2: float, n: int) -> tuple[float, float]:
@@ -273,9 +288,10 @@ def percentile(values: np.ndarray, fraction: float) -> float:
 
 
 def kl_divergence(ctx_or_model, base: LogitsFile, n_batch: int = 2048, n_ubatch: int = 512, bos: int | None = None,
-                  emit: Emit | None = None, progress: Progress | None = None) -> KLDStats:
+                  emit: Emit | None = None, progress: Progress | None = None, runner: Runner | None = None) -> KLDStats:
     """Compares a model with the log-probs of a ``--kl-divergence-base`` file (same tokens, chunks
-    and BOS replacement), emitting llama.cpp's per-chunk lines and closing statistics."""
+    and BOS replacement), emitting llama.cpp's per-chunk lines and closing statistics. ``runner``:
+    chunks shared among torchrun's ranks and/or resumed from a log (rank 0 emits everything)."""
     n_ctx = base.n_ctx
     check_params(base.tokens.numel(), n_ctx, n_batch)
     ctx = ctx_or_model if isinstance(ctx_or_model, Context) else make_context(ctx_or_model, n_ctx, n_batch, n_ubatch)
@@ -285,8 +301,14 @@ def kl_divergence(ctx_or_model, base: LogitsFile, n_batch: int = 2048, n_ubatch:
     stats = KLDStats()
     emit("")
     emit("chunk             PPL               ln(PPL(Q)/PPL(base))          KL Divergence              Δp RMS            Same top p")
-    for i, logits, targets in chunk_logits(ctx, base.tokens, n_ctx, n_batch, base.n_chunk, bos):
-        stats.add(logits, base.data[i], targets)
+
+    def compute(ids):
+        return [KLDStats.terms(logits, base.data[i], targets)
+                for i, logits, targets in chunk_logits(ctx, base.tokens, n_ctx, n_batch, base.n_chunk, bos, ids)]
+
+    n_seq = max(1, n_batch // n_ctx)
+    for i, terms in (runner or Runner(Dist())).iterate(base.n_chunk, n_seq, compute):
+        stats.merge(terms)
         emit(stats.chunk_line(i))
         if progress:
             progress(i + 1, base.n_chunk)
