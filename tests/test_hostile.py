@@ -490,3 +490,21 @@ def test_fuzz_finds_stay_fixed(gguf_dir, tmp_path):
     t = next(t for t in doc.tensors if t.name == "blk.1.ssm_a")
     t.dims, t.data, t.type_id = [16, 0, 1 << 20], b"", F32  # zero elements, 3-D: the transform's t() failed
     _refused(_write(tmp_path, doc), "blk.1.ssm_a has shape", fn=load_model)
+
+
+def test_convert_refuses_to_overwrite_its_checkpoint(shared, tmp_path):
+    """The output may not be one of the checkpoint's files (a hard link to one included)."""
+    import shutil
+
+    from gguf_runtime.convert.hf import convert
+    from gguf_runtime.errors import GGUFRuntimeError
+
+    d = tmp_path / "ck"
+    shutil.copytree(shared / "models" / "llama-tiny-hf", d)
+    before = (d / "config.json").read_bytes()
+    with pytest.raises(GGUFRuntimeError):
+        convert(d, d / "config.json", "f32", progress=False)
+    os.link(d / "model.safetensors", tmp_path / "alias.gguf")
+    with pytest.raises(GGUFRuntimeError):
+        convert(d, tmp_path / "alias.gguf", "f32", progress=False)
+    assert (d / "config.json").read_bytes() == before

@@ -143,7 +143,8 @@ def convert(model_dir: str | Path, outfile: str | Path | None = None, outtype: s
             elif outs:
                 yield from encoded(src, name, outs)
 
-    return write_gguf(w, out, plans, data(), progress, f"convert {model_dir.name}")
+    inputs = [p for p in model_dir.iterdir() if p.is_file()]  # never write over the checkpoint's own files
+    return write_gguf(w, out, plans, data(), progress, f"convert {model_dir.name}", inputs=inputs)
 
 
 @contextmanager
