@@ -78,8 +78,36 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """The tanh approximation of GELU (GPT-2, Gemma: HF's ``gelu_new`` / ``gelu_pytorch_tanh``)."""
+    """The tanh approximation of GELU (GPT-2, Gemma: HF's ``gelu_new`` / ``gelu_pytorch_tanh``).
+    ggml numerics: llama.cpp's CPU ``ggml_gelu`` (:func:`gelu_ggml`)."""
+    if numerics.current().ggml:
+        return gelu_ggml(x)
     return lanewise(_gelu_tanh, x)
+
+
+_GELU_F16: dict[torch.device, torch.Tensor] = {}
+
+
+def _gelu_table(device: torch.device) -> torch.Tensor:
+    """ggml's ``table_gelu_f16``: for every f16 bit pattern h, ``f16(gelu(f32(h)))`` with the tanh
+    formula evaluated in float32 as ggml_gelu_f32 writes it, stored here as float32 (65536,)."""
+    t = _GELU_F16.get(device)
+    if t is None:
+        x = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+        inner = (0.7978845608028654 * x) * (1.0 + (0.044715 * x) * x)  # SQRT_2_OVER_PI*x*(1 + GELU_COEF_A*x*x)
+        g = (0.5 * x) * (1.0 + torch.tanh(inner.double()).float())
+        t = _GELU_F16[device] = g.half().float().to(device)
+    return t
+
+
+def gelu_ggml(x: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's CPU GELU (GGML_GELU_FP16): x <= -10 -> 0, x >= 10 -> x, else the input rounded to
+    f16 looks up the f16 table of the tanh GELU. Elementwise on each value alone (batch-invariant)."""
+    xf = x.float()
+    idx = xf.half().view(torch.int16).to(torch.int64) & 0xFFFF
+    y = _gelu_table(x.device)[idx]
+    y = torch.where(xf <= -10.0, torch.zeros_like(xf), torch.where(xf >= 10.0, xf, y))
+    return y.to(x.dtype)
 
 
 def exp(x: torch.Tensor) -> torch.Tensor:
@@ -100,5 +128,5 @@ def log_softmax(x: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(x.double(), dim=-1)
 
 
-__all__ = ["rms_norm", "layer_norm", "lanewise", "silu", "softplus", "gelu", "gelu_tanh", "exp", "tanh", "softcap",
+__all__ = ["rms_norm", "layer_norm", "lanewise", "silu", "softplus", "gelu", "gelu_tanh", "gelu_ggml", "exp", "tanh", "softcap",
            "log_softmax"]

@@ -18,6 +18,11 @@ ARCHS = {
     "mamba": "mamba",
     "mamba2": "mamba2",
     "bert": "bert",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen3moe": "qwen3moe",
+    "phi3": "phi3",
+    "gpt2": "gpt2",
 }
 
 

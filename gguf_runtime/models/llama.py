@@ -4,6 +4,10 @@ Reads llama.cpp's GGUF layout: ``token_embd``, ``blk.N.{attn_norm,attn_q,attn_k,
 ffn_norm,ffn_gate,ffn_up,ffn_down}``, ``output_norm``, ``output`` (absent when tied), optional
 ``rope_freqs`` (llama3 frequency factors). llama.cpp's converter permutes Q/K for the 'normal'
 (adjacent-pair) RoPE, so that is the rotation used here.
+
+Mixture-of-experts files (Mixtral: ``llama.expert_count`` > 0) carry ``ffn_gate_inp`` and
+``ffn_{gate,up,down}_exps`` instead of the dense FFN: top-k softmax routing with the weights
+renormalised, as llama.cpp's llama graph (:func:`.moe.moe_ffn`).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from ..numerics import Numerics
 from .base import Model as BaseModel
 from .base import ModelArgs as BaseArgs
 from .layers import Embedding, Linear, RMSNorm, Weights
+from .moe import Experts, moe_ffn
 
 
 @dataclass
@@ -32,6 +37,9 @@ class ModelArgs(BaseArgs):
     rope_dim: int = 0
     rope_base: float = 10000.0
     rope_scaling: dict | None = None
+    n_expert: int = 0  # Mixtral-style experts (0: a dense FFN)
+    n_expert_used: int = 0
+    expert_weights_scale: float = 0.0
 
     @classmethod
     def from_gguf(cls, hp: HParams) -> "ModelArgs":
@@ -58,7 +66,12 @@ class ModelArgs(BaseArgs):
             rope_dim=hp.int("rope.dimension_count", head_dim, hi=head_dim),
             rope_base=hp.float("rope.freq_base", 10000.0, lo=1e-6),
             rope_scaling=scaling,
+            n_expert=hp.int("expert_count", 0, lo=0, hi=4096),
+            n_expert_used=hp.int("expert_used_count", 0, lo=0, hi=4096),
+            expert_weights_scale=hp.float("expert_weights_scale", 0.0),
         )
+        if args.n_expert and not 0 < args.n_expert_used <= args.n_expert:
+            raise hp.fail(f"llama.expert_used_count = {args.n_expert_used} must be in [1, {args.n_expert}]")
         hp.divides(args.n_head_kv, args.n_head, f"{n_head} heads for {args.n_head_kv} KV heads")
         return args
 
@@ -74,9 +87,15 @@ class Block(nn.Module):
         self.attn_v = Linear(e, hkv * d)
         self.attn_output = Linear(h * d, e)
         self.ffn_norm = RMSNorm(e, a.rms_eps)
-        self.ffn_gate = Linear(e, a.n_ff)
-        self.ffn_up = Linear(e, a.n_ff)
-        self.ffn_down = Linear(a.n_ff, e)
+        if a.n_expert:
+            self.ffn_gate_inp = Linear(e, a.n_expert)
+            self.ffn_gate_exps = Experts(a.n_expert, e, a.n_ff)
+            self.ffn_up_exps = Experts(a.n_expert, e, a.n_ff)
+            self.ffn_down_exps = Experts(a.n_expert, a.n_ff, e)
+        else:
+            self.ffn_gate = Linear(e, a.n_ff)
+            self.ffn_up = Linear(e, a.n_ff)
+            self.ffn_down = Linear(a.n_ff, e)
         self.scale = 1.0 / math.sqrt(d)
 
     def attention(self, x, pos, kv, rope):
@@ -87,6 +106,10 @@ class Block(nn.Module):
         return self.attn_output(kv.attend(q, k, v, scale=self.scale).reshape(n, -1))
 
     def ffn(self, x):
+        a = self.args
+        if a.n_expert:
+            return moe_ffn(x, self.ffn_gate_inp, self.ffn_gate_exps, self.ffn_up_exps, self.ffn_down_exps,
+                           a.n_expert_used, norm_w=True, w_scale=a.expert_weights_scale)
         return self.ffn_down(kernels.silu(self.ffn_gate(x)) * self.ffn_up(x))
 
     def forward(self, x, pos, kv, rope):

@@ -1,0 +1,122 @@
+"""Qwen2 (Qwen2, Qwen2.5): the llama block with biases on Q, K and V, NeoX RoPE.
+
+Reads llama.cpp's ``qwen2`` layout: ``token_embd``, ``blk.N.{attn_norm, attn_q, attn_k, attn_v (weights
+and biases), attn_output, ffn_norm, ffn_gate, ffn_up, ffn_down}``, ``output_norm``, ``output`` (absent
+when tied). llama.cpp's converter leaves Q/K unpermuted for this family, so RoPE rotates halves
+(NeoX), as transformers does.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..gguf.hparams import HParams
+from ..memory.kv_cache import KVCache, KVView
+from ..numerics import Numerics
+from .base import Model as BaseModel
+from .base import ModelArgs as BaseArgs
+from .layers import Embedding, Linear, RMSNorm
+
+
+@dataclass
+class ModelArgs(BaseArgs):
+    n_head: int = 0
+    n_head_kv: int = 0
+    head_dim: int = 0
+    n_ff: int = 0
+    rms_eps: float = 1e-6
+    rope_dim: int = 0
+    rope_base: float = 1e6
+    rope_scaling: dict | None = None
+
+    @classmethod
+    def from_gguf(cls, hp: HParams) -> "ModelArgs":
+        n_embd, n_head = hp.int("embedding_length"), hp.int("attention.head_count")
+        hp.divides(n_head, n_embd, f"{n_head} heads for embedding length {n_embd}")
+        head_dim = n_embd // n_head
+        st = hp.str("rope.scaling.type", "none")
+        scaling = None if st == "none" else {
+            "type": st, "factor": hp.float("rope.scaling.factor", 1.0, lo=1e-6),
+            "original_context_length": hp.int("rope.scaling.original_context_length", 0, lo=0),
+            "attn_factor": hp.float("rope.scaling.attn_factor", 1.0),
+            "beta_fast": hp.float("rope.scaling.yarn_beta_fast", 32.0),
+            "beta_slow": hp.float("rope.scaling.yarn_beta_slow", 1.0)}
+        args = cls(
+            n_vocab=hp.tensor_shape("token_embd.weight")[0], n_embd=n_embd, n_layer=hp.n_layer(),
+            n_ctx_train=hp.int("context_length", 32768),
+            n_head=n_head, n_head_kv=hp.int("attention.head_count_kv", n_head), head_dim=head_dim,
+            n_ff=hp.int("feed_forward_length"),
+            rms_eps=hp.float("attention.layer_norm_rms_epsilon", 1e-6, lo=0.0),
+            rope_dim=hp.int("rope.dimension_count", head_dim, hi=head_dim),
+            rope_base=hp.float("rope.freq_base", 1e6, lo=1e-6), rope_scaling=scaling,
+        )
+        hp.divides(args.n_head_kv, args.n_head, f"{n_head} heads for {args.n_head_kv} KV heads")
+        return args
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.args = a
+        e, h, hkv, d = a.n_embd, a.n_head, a.n_head_kv, a.head_dim
+        self.attn_norm = RMSNorm(e, a.rms_eps)
+        self.attn_q = Linear(e, h * d, bias=True)
+        self.attn_k = Linear(e, hkv * d, bias=True)
+        self.attn_v = Linear(e, hkv * d, bias=True)
+        self.attn_output = Linear(h * d, e)
+        self.ffn_norm = RMSNorm(e, a.rms_eps)
+        self.ffn_gate = Linear(e, a.n_ff)
+        self.ffn_up = Linear(e, a.n_ff)
+        self.ffn_down = Linear(a.n_ff, e)
+        self.scale = 1.0 / math.sqrt(d)
+
+    def attention(self, x, pos, kv, rope):
+        a, n = self.args, x.shape[0]
+        q = rope(self.attn_q(x).view(n, a.n_head, a.head_dim), pos)
+        k = rope(self.attn_k(x).view(n, a.n_head_kv, a.head_dim), pos)
+        v = self.attn_v(x).view(n, a.n_head_kv, a.head_dim)
+        return self.attn_output(kv.attend(q, k, v, scale=self.scale).reshape(n, -1))
+
+    def forward(self, x, pos, kv, rope):
+        x = x + self.attention(self.attn_norm(x), pos, kv, rope)
+        h = self.ffn_norm(x)
+        return x + self.ffn_down(kernels.silu(self.ffn_gate(h)) * self.ffn_up(h))
+
+
+class Model(BaseModel):
+    Args = ModelArgs
+
+    def __init__(self, args: ModelArgs):
+        super().__init__(args)
+        self.token_embd = Embedding(args.n_vocab, args.n_embd)
+        self.blk = nn.ModuleList(Block(args) for _ in range(args.n_layer))
+        self.output_norm = RMSNorm(args.n_embd, args.rms_eps)
+        self.output = Linear(args.n_embd, args.n_vocab)
+
+    def loaded(self, f) -> None:
+        a = self.args
+        inv, self.rope_mscale = kernels.rope_freqs(a.rope_dim, a.rope_base, a.rope_scaling)
+        self.rope_inv = inv.to(self.device)
+        self.rope_ggml = (a.rope_base, 1.0) if a.rope_scaling is None else None
+
+    def rope(self, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return kernels.rope(t, pos, self.rope_inv, True, None, self.rope_mscale, self.rope_ggml)
+
+    def rotate(self, il: int, k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return kernels.rope(k.to(self.dtype), delta, self.rope_inv, True)
+
+    def make_memory(self, n_ctx: int, n_seq_max: int, numerics: Numerics) -> KVCache:
+        a = self.args
+        tk, tv = numerics.kv_dtypes(self.dtype)
+        return KVCache(a.n_layer, n_ctx, n_seq_max, a.n_head_kv, a.head_dim, dtype=tk, dtype_v=tv,
+                       device=self.device, rotate=self.rotate)
+
+    def forward(self, ub, view: KVView) -> torch.Tensor:
+        x = self.token_embd(ub.tokens)
+        for il, block in enumerate(self.blk):
+            x = block(x, ub.pos, view.layer(il), self.rope)
+        return self.output_norm(x)
