@@ -20,6 +20,7 @@ from gguf_runtime.errors import ConvertError
 
 from . import bert, gpt2, llama, mamba  # noqa: F401 - register the converters
 from . import gemma, mixtral, phi3, qwen  # noqa: F401 - register the converters (#14, #15)
+from . import granitehybrid, jamba, t5  # noqa: F401 - register the converters (#21)
 from .base import OUTTYPES, REGISTRY, ModelConverter
 from .checkpoint import Checkpoint
 from .writer import TensorPlan, add_infos, write_gguf
