@@ -244,3 +244,16 @@ def test_gpt2_position_past_table_is_one_line_error(models):
     c = Context(m, n_ctx=2048)
     with pytest.raises(BatchError, match="past gpt2's 1024 learned positions"):
         c.decode(Batch([5, 6], pos=[1023, 1024]))
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_our_q4_k_m_scores_as_llama_cpps(name, gguf_dir, wikitext, tmp_path):
+    """`gguf-runtime quantize F32 OUT Q4_K_M` on each family writes a file whose perplexity is within
+    1% of llama.cpp's own Q4_K_M file's figure (llama-quantize's mix for these shapes), and which is not
+    simply the f32 model."""
+    from gguf_runtime.convert.quantize import quantize
+
+    out = quantize(f32(gguf_dir, name), tmp_path / f"{name}-ours-Q4_K_M.gguf", "Q4_K_M", progress=False)
+    ppl = tiny_ppl(out, wikitext).ppl
+    assert abs(ppl - Q4[name]) / Q4[name] < 0.01, f"{name}: ours {ppl:.4f} vs llama.cpp {Q4[name]}"
+    assert abs(ppl - EXACT[name][0]) / EXACT[name][0] > 1e-4
