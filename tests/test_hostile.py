@@ -102,11 +102,12 @@ def test_bool_must_be_0_or_1(tmp_path):
 
 
 @pytest.mark.parametrize("value,vtype,ok", [
-    (1, V_UINT32, True), (64, V_UINT32, True),  # ggml: any non-zero power of two, 1 included
+    (8, V_UINT32, True), (64, V_UINT32, True),  # a power of two (ggml) and a multiple of 8 (the spec)
+    (1, V_UINT32, False), (4, V_UINT32, False),  # ggml would take these: the spec laxity
     (0, V_UINT32, False), (3, V_UINT32, False), (48, V_UINT32, False),
     (32, V_UINT64, False), (32, V_INT32, False),  # ggml: must be of type UINT32
 ])
-def test_alignment_as_ggml(tmp_path, value, vtype, ok):
+def test_alignment_as_the_spec(tmp_path, value, vtype, ok):
     doc = _doc(KV("general.alignment", vtype, value), tensors=[_t("a", [8, 2])])
     if not ok:  # lay the data out at 32 so that only the key is wrong
         doc.tensors[0].offset = 0

@@ -12,7 +12,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gguf_runtime.gguf.reader import GGUFFile
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the reader imports torch: `inspect --help` must not
+    from gguf_runtime.gguf.reader import GGUFFile
 
 COMMAND_KWARGS = {"help": "Show a GGUF file's architecture, metadata and tensors (like gguf-dump, readable)."}
 
@@ -177,6 +180,8 @@ def command(
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables."),
 ) -> None:
     """Show a GGUF file's architecture, key metadata and a table of its tensors."""
+    from gguf_runtime.gguf.reader import GGUFFile
+
     with GGUFFile(file) as f:
         rep = report(f)
         if as_json:

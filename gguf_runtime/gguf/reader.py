@@ -6,7 +6,7 @@ arrays of more than 2^20 elements, which stay read-only numpy views of the map.
 ``GGUFFile(path)`` checks the whole header before anything else touches the file: magic, version
 (2 or 3), counts that fit in the file, string and array lengths inside the file, known value and
 ggml type ids, tensor dimensions (at most 4, non-negative, no overflow), offsets aligned to
-``general.alignment`` (a non-zero power-of-two UINT32, as ggml checks it), tensor data inside the
+``general.alignment`` (a power-of-two UINT32 of at least 8: ggml's check plus the spec's multiple of 8), tensor data inside the
 file and never overlapping another tensor's, BOOL values 0 or 1, tensor names under 64 bytes
 (GGML_MAX_NAME), and strides that fit int64 even for zero-element tensors. Any problem is one
 ``GGUFFormatError`` line; nothing is allocated in proportion to a count read from the file before
@@ -217,8 +217,10 @@ def _parse_header(h: _Header, buf: mmap.mmap, size: int):
     alignment = GGUF_DEFAULT_ALIGNMENT
     if "general.alignment" in metadata:
         alignment = metadata["general.alignment"]
-        if types["general.alignment"][0] != V.UINT32 or alignment <= 0 or alignment & (alignment - 1):
-            raise h.fail(f"general.alignment must be a power-of-two uint32, got {alignment!r}")
+        # ggml accepts any power of two; the GGUF spec asks for a multiple of 8, which every writer
+        # (ggml, gguf-py) keeps: 1, 2 and 4 are refused as the laxity they are
+        if types["general.alignment"][0] != V.UINT32 or alignment < 8 or alignment & (alignment - 1):
+            raise h.fail(f"general.alignment must be a power-of-two uint32 of at least 8, got {alignment!r}")
 
     raw_infos = []
     for i in range(n_tensors):

@@ -21,6 +21,7 @@ others fail at the next round's barrier with a one-line error naming it (bounded
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import hashlib
 import json
@@ -65,6 +66,8 @@ class Dist:
             if backend == "nccl":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+            # tear the group down before the interpreter does: gloo's threads alive at exit abort it
+            atexit.register(_destroy)
         return cls(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
 
     def gather(self, obj) -> list | None:
@@ -110,6 +113,20 @@ class Dist:
                 dist.destroy_process_group()
 
 
+def _destroy() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:  # nobody leaves while a peer is still inside a collective (bounded: a peer may have failed)
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
+            else:
+                dist.barrier()
+        except RuntimeError:
+            pass
+        dist.destroy_process_group()
+
+
 def run_key(**parts) -> str:
     """A digest naming what a run computes (files by size, mtime and name; settings by value)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
@@ -152,9 +169,9 @@ class Runner:
 
     def iterate(self, n_items: int, group: int,
                 compute: Callable[[Sequence[int]], list[Result]]) -> Iterator[tuple[int, Result]]:
-        """Compute items ``0 .. n_items-1`` (``compute(ids)`` returns their results, in order) and yield
-        ``(i, result)`` on rank 0 for every item in order, recorded ones first, each as soon as every
-        item before it is in; other ranks yield nothing."""
+        """Compute items ``0 .. n_items-1`` (``compute(ids)`` returns or yields their results, in
+        order) and yield ``(i, result)`` on rank 0 for every item in order, recorded ones first, each
+        as soon as every item before it is in; other ranks yield nothing."""
         d = self.dist
         done = d.broadcast(dict(self.resume.done) if (self.resume is not None and d.is_main) else {})
         done = {i: r for i, r in done.items() if i < n_items}
@@ -164,11 +181,19 @@ class Runner:
             yield nxt, results.pop(nxt)
             nxt += 1
         todo = [i for i in range(n_items) if i not in done]
+        if d.world == 1:  # one process: each item as ``compute`` yields it (streaming; Ctrl-C keeps what is done)
+            for r0 in range(0, len(todo), group):
+                ids = todo[r0:r0 + group]
+                for i, v in zip(ids, compute(ids)):
+                    if self.resume is not None:
+                        self.resume.record({i: v})
+                    yield i, v
+            return
         per_round = group * d.world
         for r0 in range(0, len(todo), per_round):
             chunk = todo[r0:r0 + per_round]
             mine = chunk[d.rank * group:(d.rank + 1) * group]
-            out = compute(mine) if mine else []
+            out = list(compute(mine)) if mine else []
             d.barrier(self.timeout_s)
             gathered = d.gather((mine, out))
             if d.is_main:
