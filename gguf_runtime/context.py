@@ -15,7 +15,7 @@ import torch
 
 from . import numerics as _numerics
 from .batch import Batch, BatchAllocator
-from .errors import BatchError
+from .errors import BatchError, UnsupportedError
 from .models import load_model
 from .models.base import Model
 from .numerics import Numerics
@@ -23,7 +23,8 @@ from .numerics import Numerics
 
 class Context:
     def __init__(self, model: Model, n_ctx: int | None = None, n_batch: int = 2048, n_ubatch: int = 512,
-                 n_seq_max: int = 1, embeddings: bool = False, numerics: Numerics | None = None):
+                 n_seq_max: int = 1, embeddings: bool = False, numerics: Numerics | None = None,
+                 swa_full: bool = False):
         a = model.args
         self.model = model
         self.numerics = numerics or _numerics.current()
@@ -33,6 +34,8 @@ class Context:
         self.n_seq_max = int(n_seq_max)
         self.embeddings = embeddings
         self.memory = model.make_memory(self.n_ctx, self.n_seq_max, self.numerics)
+        if swa_full:  # llama.cpp's swa_full: sliding-window layers keep every position
+            self.memory.keep_all()
         self._out_idx: torch.Tensor | None = None  # batch indices of the outputs, sorted
         self._logits: torch.Tensor | None = None
         self._hidden: torch.Tensor | None = None
@@ -78,6 +81,31 @@ class Context:
         self._logits = torch.cat(out_rows)[o] if out_rows else None
         self._hidden = torch.cat(hidden_rows)[o] if hidden_rows else None
 
+    def encode(self, batch: Batch) -> None:
+        """llama.cpp's ``llama_encode`` for an encoder-decoder model (T5): run the encoder over the
+        batch's whole sequences and keep each sequence's output in the memory for the decoder's
+        cross-attention; every token's encoder state is an output (``get_embeddings``)."""
+        from .memory.cross import CrossMemory  # the memory of encoder-decoder models
+
+        mem = self.memory
+        if not isinstance(mem, CrossMemory):
+            raise UnsupportedError("encode needs an encoder-decoder model (such as T5); this model only decodes")
+        if len(batch.tokens) > self.n_batch:
+            raise BatchError(f"batch of {len(batch.tokens)} tokens exceeds n_batch = {self.n_batch}")
+        balloc = BatchAllocator(batch, self.n_vocab, self.n_seq_max, None, output_all=True)
+        ubatches = mem.encoder_split(balloc, self.n_ubatch)
+        rows, idx = [], []
+        with torch.inference_mode(), _numerics.use(self.numerics):
+            for ub in ubatches:
+                h = self.model.encode(ub, mem.encoder_view(ub))
+                mem.store(ub, h)
+                rows.append(h.float())
+                idx.append(ub.idx)
+        all_idx = torch.cat(idx)
+        order = torch.argsort(all_idx)
+        self._out_idx, self._logits = all_idx[order], None
+        self._hidden = torch.cat(rows)[order.to(self.model.device)]
+
     # -- outputs -------------------------------------------------------------------------------
     def _row(self, i: int) -> int:
         if self._out_idx is None:
@@ -112,3 +140,18 @@ class Context:
 
     def get_embeddings(self) -> torch.Tensor:
         return self._out(True)
+
+    # -- state (gguf_runtime/state.py, docs/state.md) -------------------------------------------
+    def state_save(self, path, seq_id: int | None = None, tokens=None) -> int:
+        """Save the whole context (memory and last outputs) or one sequence, with the token history
+        ``tokens``, to a safetensors file (atomically); returns its size in bytes."""
+        from . import state
+
+        return state.save(self, path, seq_id, tokens)
+
+    def state_load(self, path, seq_id: int | None = None, dest_seq_id: int | None = None) -> list[int]:
+        """Restore a saved state (whole, or sequence ``seq_id`` into ``dest_seq_id``) and return its
+        token history; a file this context cannot take is one StateError and changes nothing."""
+        from . import state
+
+        return state.load(self, path, seq_id, dest_seq_id)

@@ -23,3 +23,7 @@ class MemoryFullError(GGUFRuntimeError):
 
 class ConvertError(GGUFRuntimeError):
     """A checkpoint cannot be converted (missing files, inconsistent config, unknown arch)."""
+
+
+class StateError(GGUFRuntimeError):
+    """A state file cannot be restored here (another model or numerics, too small a context, corrupt)."""

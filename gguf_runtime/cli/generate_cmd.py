@@ -22,6 +22,7 @@ def command(
                                            help="context size (default: prompt + n_predict; 0 = the model's training context)"),
     batch_size: int = typer.Option(2048, "-b", "--batch-size", help="logical batch: the prompt is decoded in pieces of this many tokens"),
     ubatch_size: int = typer.Option(512, "-ub", "--ubatch-size", help="physical micro-batch (tokens per forward pass)"),
+    swa_full: bool = typer.Option(False, "--swa-full", help="sliding-window layers keep every position (full-size SWA cache)"),
     temp: float = typer.Option(0.8, "--temp", help="temperature; 0 = greedy"),
     top_k: int = typer.Option(40, "--top-k", help="keep the k most likely tokens (0 = off)"),
     top_p: float = typer.Option(0.95, "--top-p", help="keep the smallest set of tokens whose probability reaches p (1.0 = off)"),
@@ -66,7 +67,7 @@ def command(
         n_ctx = ctx_size or m.args.n_ctx_train  # llama.cpp: -c 0 is the model's training context
     if len(ids) + n_predict > n_ctx:
         raise GGUFRuntimeError(f"prompt ({len(ids)} tokens) + -n {n_predict} exceeds the context size -c {n_ctx}")
-    ctx = Context(m, n_ctx=n_ctx, n_batch=batch_size, n_ubatch=ubatch_size)
+    ctx = Context(m, n_ctx=n_ctx, n_batch=batch_size, n_ubatch=ubatch_size, swa_full=swa_full)
     if nx.invariant:
         nx.linear_rule()  # the one-off calibration (kernels.calibrate), before the clock starts
     if seed < 0:

@@ -166,7 +166,10 @@ def command(
         base = tasks.LogitsFile.read(kl_divergence_base)
         _info(f"kl_divergence: computing over {base.n_chunk} chunks, n_ctx={base.n_ctx}, batch_size={batch_size}")
         with _progress("KL-divergence", progress) as upd:
-            tasks.kl_divergence(m, base, batch_size, ubatch_size, bos, emit=_out, progress=upd)
+            tasks.kl_divergence(m, base, batch_size, ubatch_size, bos, emit=_out, progress=upd,
+                                runner=_runner(resume, model=common_identity(model), base=common_identity(kl_divergence_base),
+                                               mode=mode, bos=bos, numerics=nx.describe(), dtype=dtype,
+                                               device=str(m.device.type)))
         return
 
     data = tasks.read_prompt_file(file)

@@ -21,7 +21,7 @@ Q_TILE = 64  # queries per tile: a tile computes only the key blocks some of its
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-              softcap: float = 0.0) -> torch.Tensor:
+              softcap: float = 0.0, fold: bool = False) -> torch.Tensor:
     """Attention of query groups over their key sequences.
 
     q: ([B,] n_head, n_q, d); k, v: ([B,] n_head_kv, n_kv, d), each group's keys in its sequence's
@@ -36,11 +36,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     and ``p @ V`` with a fixed 64-long reduction; the per-block partials are then added as a
     zero-padded pairwise tree aligned to block 0. A block a query cannot see contributes exact
     zeros to its sums, so how many blocks a tile computes, which queries share it and how many keys
-    follow change no bit of a query's result. The ``g`` query heads sharing a KV head are stacked as rows of one product
+    follow change no bit of a query's result.
+
+    ``fold``: the key blocks are aligned to absolute positions (a sliding-window cache's plan,
+    :mod:`gguf_runtime.memory.kv_cache`) and the per-block partials are added left to right instead
+    of as a tree. Leading blocks a query cannot see then add exact zeros in front (``0 + a = a``), so
+    a tile computes only the blocks from the first to the last any of its queries sees, and the
+    result is the same whether the blocks before the window were dropped, skipped or kept: a
+    window's cost is its own length, not its position. The ``g`` query heads sharing a KV head are stacked as rows of one product
     (no K/V copies for grouped-query attention), and the row count is padded as a whole.
     """
     if q.dim() == 3:
-        return attention(q[None], k[None], v[None], mask[None], scale, softcap)[0]
+        return attention(q[None], k[None], v[None], mask[None], scale, softcap, fold)[0]
     B, h, nq, d = q.shape
     hkv, nkv, dv = k.shape[1], k.shape[2], v.shape[3]
     g = h // hkv
@@ -80,7 +87,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         nt = t1 - t0
         r = g * nt  # the g query heads of a KV head, stacked as rows: row j * nt + i is head j, query i
         m = matmul_rows(r)
-        # blocks 0 .. nbt-1: from block 0, because the cross-block sum is a tree aligned to it
+        # blocks b0 .. nbt-1: from block 0 for the tree sum (aligned to it), from the first one seen
+        # when folding
+        b0 = 0
         if out is None:  # a single tile (decode, short prompts): every block, no host sync
             nbt = nb
         else:
@@ -89,40 +98,55 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
                 out[:, :, :, t0:t1] = 0
                 continue
             nbt = seen[-1] + 1
+            b0 = seen[0] if fold else 0
+        nbs = nbt - b0
         if m == r:
             qt = qg[:, :, :, t0:t1].reshape(B, hkv, r, d)
         else:  # one zeroed buffer and one copy (not reshape-copy, then concatenate)
             qt = q.new_zeros(B, hkv, m, d)
             qt[:, :, :r].view(B, hkv, g, nt, d).copy_(qg[:, :, :, t0:t1])
-        if cols:  # one product for all the tile's blocks: (B, hkv, m, nbt*KV)
-            s = torch.matmul(qt, kT[..., :nbt * KV])
+        kTt = kT[..., b0 * KV:nbt * KV]
+        if cols:  # one product for all the tile's blocks: (B, hkv, m, nbs*KV)
+            s = torch.matmul(qt, kTt)
         else:  # one fixed-shape product per block
-            s = torch.matmul(qt.unsqueeze(2), kT[..., :nbt * KV].unflatten(-1, (nbt, KV)).transpose(2, 3)
-                             ).transpose(2, 3).reshape(B, hkv, m, nbt * KV)
+            s = torch.matmul(qt.unsqueeze(2), kTt.unflatten(-1, (nbs, KV)).transpose(2, 3)
+                             ).transpose(2, 3).reshape(B, hkv, m, nbs * KV)
         s = s.float() if s.dtype != torch.float32 else s
         s.mul_(scale)
         if softcap:
             s = _softcap(s, softcap)
-        hidden = derived.get((t0, nbt, g, m))
+        hidden = derived.get((t0, b0, nbt, g, m))
         if hidden is None:
-            mt = mask[:, t0:t1, :nbt * KV]  # (B, nt, nbt*KV)
-            mt = pad_dim(mt.repeat(1, g, 1) if g > 1 else mt, m, 1)  # (B, m, nbt*KV), rows as in qt
-            hidden = derived[(t0, nbt, g, m)] = ~mt[:, None]
+            mt = mask[:, t0:t1, b0 * KV:nbt * KV]  # (B, nt, nbs*KV)
+            mt = pad_dim(mt.repeat(1, g, 1) if g > 1 else mt, m, 1)  # (B, m, nbs*KV), rows as in qt
+            hidden = derived[(t0, b0, nbt, g, m)] = ~mt[:, None]
         s.masked_fill_(hidden, float("-inf"))
         mx = s.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)  # exact: order-free
         # exp of anything that underflows (x < -87.3, -inf included) takes a slow path on x86
         # (5-20x), so exponentiate max(x, -80) and zero every result <= exp(-80): masked keys stay
         # exact zeros, and terms < 1.9e-35 against a row sum >= 1 (the max key gives exp(0)) are flushed
-        p = F.threshold_(exp_(s.sub_(mx).clamp_(min=-80.0)), _EXP_FLOOR, 0.0).view(B, hkv, m, nbt, KV)
-        l_b = p.sum(-1)  # (B, hkv, m, nbt): fixed-length row sums
-        o_b = torch.matmul(p.transpose(2, 3).to(v.dtype), vb[:, :, :nbt])  # (B, hkv, nbt, m, dv)
+        p = F.threshold_(exp_(s.sub_(mx).clamp_(min=-80.0)), _EXP_FLOOR, 0.0).view(B, hkv, m, nbs, KV)
+        l_b = p.sum(-1)  # (B, hkv, m, nbs): fixed-length row sums
+        o_b = torch.matmul(p.transpose(2, 3).to(v.dtype), vb[:, :, b0:nbt])  # (B, hkv, nbs, m, dv)
         o_b = o_b.float() if o_b.dtype != torch.float32 else o_b
-        l_sum, o_sum = _tree_sum(l_b, -1), _tree_sum(o_b, 2)
+        if fold:
+            l_sum, o_sum = _fold_sum(l_b, -1), _fold_sum(o_b, 2)
+        else:
+            l_sum, o_sum = _tree_sum(l_b, -1), _tree_sum(o_b, 2)
         o = (o_sum / l_sum.clamp_min(1e-30).unsqueeze(-1))[:, :, :r].view(B, hkv, g, nt, dv)
         if out is None:
             return o.reshape(B, h, nq, dv).transpose(1, 2).to(out_dtype)
         out[:, :, :, t0:t1] = o
     return out.view(B, h, nq, dv).transpose(1, 2).to(out_dtype)
+
+
+def _fold_sum(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum over the key-block axis ``dim`` left to right, ``((b0 + b1) + b2) + ...``: exact zeros
+    in front of or after a query's visible blocks change nothing, wherever the blocks start."""
+    acc = t.select(dim, 0).clone()
+    for j in range(1, t.shape[dim]):
+        acc += t.select(dim, j)
+    return acc
 
 
 def _tree_sum(t: torch.Tensor, dim: int) -> torch.Tensor:

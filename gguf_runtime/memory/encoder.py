@@ -18,7 +18,7 @@ import torch
 from ..batch import BatchAllocator, UBatch
 from ..errors import BatchError
 from ..kernels import attention
-from .base import Memory
+from .base import Commit, Memory, Meta, Tensors, state_kind
 
 BLOCK = 32  # sequences are padded to a multiple of this many tokens inside attention
 ROWS = 32  # the ubatch is padded to a multiple of this many rows, so kernels.linear never pads (its tile divides 32)
@@ -82,6 +82,14 @@ class EncoderMemory(Memory):
 
     def seq_pos_max(self, seq_id: int) -> int:
         return -1
+
+    def state_tensors(self, seq_id: int | None = None) -> tuple[Tensors, Meta]:
+        return {}, {"kind": "encoder"}  # nothing is kept between decode calls
+
+    def state_load(self, tensors: Tensors, meta: Meta, seq_id: int | None = None,
+                   dest_seq_id: int | None = None) -> Commit:
+        state_kind(meta, "encoder")
+        return lambda: None
 
     # -- ubatches ------------------------------------------------------------------------------
     def split(self, balloc: BatchAllocator, n_ubatch: int) -> list[UBatch]:

@@ -27,21 +27,35 @@ land in the memory too; assignment copies a new tensor in. A set that starts a n
 sequence finds a zero state there. A token with several sequence ids (a shared prefix) is computed
 once: its set's state is given to every member sequence.
 
-Sequence operations follow llama.cpp: ``seq_rm`` can only drop a whole state (a range that starts
-at 0, or that starts after the state's position, which removes nothing); a removal that would need
-the state of an earlier position returns False. ``seq_add``/``seq_div`` move the position only.
+Sequence operations follow llama.cpp: ``seq_rm`` drops a whole state (a range that starts at 0, or
+that starts after the state's position, which removes nothing) or rolls a sequence back to a
+**snapshot**: ``prepare`` keeps, for each sequence a batch advances, a copy of its state as the last
+``decode`` left it (the ``n_snapshots`` most recent per sequence, default ``SNAPSHOTS``; 0 turns
+them off), so ``seq_rm(seq, p, -1)`` succeeds when a snapshot holds position ``p - 1``. Any other
+removal that would need an earlier state returns False. ``seq_add``/``seq_div`` move positions
+only. ``state_tensors`` / ``state_load`` save and restore cells and snapshots (docs/state.md).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..batch import BatchAllocator, UBatch
-from ..errors import BatchError, MemoryFullError
-from .base import Memory
+from ..errors import BatchError, MemoryFullError, StateError
+from .base import Commit, Memory, Meta, Tensors, state_kind, state_rows, state_tensor
 
 Shape = tuple[int, ...]
+States = dict[str, list[torch.Tensor]]  # name -> per layer: one cell's state
+SNAPSHOTS = 4  # default snapshots kept per sequence
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A sequence's state as a ``decode`` call left it (shared, never written in place)."""
+
+    pos: int
+    states: States
 
 
 @dataclass
@@ -100,7 +114,7 @@ class RecurrentView:
 class RecurrentMemory(Memory):
     def __init__(self, n_layer: int, n_seq_max: int, shapes: dict[str, Shape | list[Shape]],
                  dtype: torch.dtype = torch.float32, device=None, dtypes: dict[str, torch.dtype] | None = None,
-                 layers: list[int] | None = None):
+                 layers: list[int] | None = None, n_snapshots: int = SNAPSHOTS):
         self.layers = list(range(n_layer)) if layers is None else list(layers)
         self._index = {il: i for i, il in enumerate(self.layers)}
         n_layer = len(self.layers)
@@ -112,6 +126,8 @@ class RecurrentMemory(Memory):
             dt = (dtypes or {}).get(name, dtype)
             self.states[name] = [torch.zeros(self.n_cells, *s, dtype=dt, device=device) for s in per_layer]
         self.meta = _Meta([-1] * self.n_cells, [set() for _ in range(self.n_cells)], [-1] * self.n_seq_max)
+        self.n_snapshots = int(n_snapshots)
+        self.snaps: dict[int, list[Snapshot]] = {}  # per sequence, oldest first
 
     def index(self, il: int) -> int:
         """The storage index of model layer ``il``."""
@@ -135,6 +151,7 @@ class RecurrentMemory(Memory):
     # -- sequence operations -------------------------------------------------------------------
     def clear(self) -> None:
         self.meta = _Meta([-1] * self.n_cells, [set() for _ in range(self.n_cells)], [-1] * self.n_seq_max)
+        self.snaps = {}
 
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         lo, hi = self._range(p0, p1)
@@ -153,9 +170,20 @@ class RecurrentMemory(Memory):
         pos = self.meta.pos[c]
         if lo > pos or lo >= hi:  # nothing at or after lo: nothing to remove
             return True
-        if lo > 0 or hi <= pos:  # would keep a prefix or a suffix: the state cannot be rewound
+        if hi <= pos:  # would keep a suffix: the state cannot be rewound
+            return False
+        if lo == 0:
+            self.meta.detach(seq_id)
+            self.snaps.pop(seq_id, None)
+            return True
+        snap = next((s for s in self.snaps.get(seq_id, []) if s.pos == lo - 1), None)
+        if snap is None:  # would keep a prefix no snapshot holds
             return False
         self.meta.detach(seq_id)
+        c = self.meta.first_empty()
+        self._write_cell(c, snap.states)
+        self.meta.pos[c], self.meta.seqs[c], self.meta.tail[seq_id] = snap.pos, {seq_id}, c
+        self.snaps[seq_id] = [s for s in self.snaps[seq_id] if s.pos <= snap.pos]
         return True
 
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
@@ -169,6 +197,7 @@ class RecurrentMemory(Memory):
         if c >= 0:
             self.meta.seqs[c].add(dst)
             self.meta.tail[dst] = c
+        self.snaps[dst] = list(self.snaps.get(src, []))
 
     def seq_keep(self, seq_id: int) -> None:
         m = self.meta
@@ -178,12 +207,15 @@ class RecurrentMemory(Memory):
             else:
                 m.seqs[c], m.pos[c] = set(), -1
         m.tail = [c if s == seq_id else -1 for s, c in enumerate(m.tail)]
+        self.snaps = {seq_id: self.snaps[seq_id]} if seq_id in self.snaps else {}
 
     def _move(self, seq_id: int, p0: int, p1: int, fn) -> None:
         lo, hi = self._range(p0, p1)
         c = self._cell_of(seq_id)
         if c >= 0 and lo < hi and lo <= self.meta.pos[c] < hi:
             self.meta.pos[c] = fn(self.meta.pos[c])
+        if seq_id in self.snaps:
+            self.snaps[seq_id] = [replace(s, pos=fn(s.pos)) if lo <= s.pos < hi else s for s in self.snaps[seq_id]]
 
     def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
         if shift:
@@ -198,9 +230,32 @@ class RecurrentMemory(Memory):
         return list(balloc.split_equal(n_ubatch))
 
     def prepare(self, ubatches: list[UBatch]) -> None:
+        """Checks every ubatch finds its slots, then snapshots the sequences the batch advances."""
         m = self.meta.copy()
         for ub in ubatches:
             self._find_slot(m, ub)
+        if self.n_snapshots > 0:
+            self._snapshot(sorted({sid for ub in ubatches for ids in ub.seq_ids for sid in ids}))
+
+    def _snapshot(self, seqs: list[int]) -> None:
+        taken: dict[int, Snapshot] = {}  # sequences sharing a cell share its snapshot
+        for sid in seqs:
+            c = self._cell_of(sid)
+            if c < 0:
+                continue
+            lst = self.snaps.setdefault(sid, [])
+            if lst and lst[-1].pos == self.meta.pos[c]:
+                continue
+            if c not in taken:
+                taken[c] = Snapshot(self.meta.pos[c], {n: [t[c].clone() for t in ts] for n, ts in self.states.items()})
+            lst.append(taken[c])
+            del lst[: -self.n_snapshots]
+
+    def _write_cell(self, c: int, states: States) -> None:
+        with torch.inference_mode():  # the states are inference tensors once a ubatch has gathered them
+            for name, ts in self.states.items():
+                for t, x in zip(ts, states[name]):
+                    t[c].copy_(x)
 
     def apply(self, ub: UBatch) -> RecurrentView:
         start, src = self._find_slot(self.meta, ub)
@@ -259,3 +314,64 @@ class RecurrentMemory(Memory):
                 new = t[idx.to(t.device)]
                 new[zero.to(t.device)] = 0
                 tensors[i] = new
+
+    # -- state (docs/state.md) -----------------------------------------------------------------
+    def state_tensors(self, seq_id: int | None = None) -> tuple[Tensors, Meta]:
+        """The cells of every sequence (or of ``seq_id``) and their snapshots: ``cell.pos``,
+        ``cell.seq`` (membership), ``cell.{name}.{i}`` (n, *shape), and the same under ``snap.``."""
+        cols = list(range(self.n_seq_max)) if seq_id is None else [seq_id]
+        cells = [c for c in range(self.n_cells) if self.meta.seqs[c] & set(cols)]
+        t = {"seq_ids": torch.tensor(cols, dtype=torch.long)}
+        t.update(self._pack("cell.", cols, [(self.meta.pos[c], self.meta.seqs[c],
+                                              {n: [x[c] for x in ts] for n, ts in self.states.items()}) for c in cells]))
+        t.update(self._pack("snap.", cols, [(sn.pos, {s}, sn.states) for s in cols for sn in self.snaps.get(s, [])]))
+        return t, {"kind": "recurrent", "n_layer": str(self.n_layer)}
+
+    def _pack(self, prefix: str, cols: list[int], rows: list[tuple[int, set[int], States]]) -> Tensors:
+        t = {f"{prefix}pos": torch.tensor([p for p, _, _ in rows], dtype=torch.long),
+             f"{prefix}seq": torch.tensor([[c in seqs for c in cols] for _, seqs, _ in rows], dtype=torch.bool).view(len(rows), len(cols))}
+        for name, ts in self.states.items():
+            for i, x in enumerate(ts):
+                t[f"{prefix}{name}.{i}"] = (torch.stack([st[name][i] for _, _, st in rows]) if rows
+                                            else x.new_zeros(0, *x.shape[1:])).cpu()
+        return t
+
+    def _unpack(self, tensors: Tensors, prefix: str, seq_id: int | None,
+                dest_seq_id: int | None) -> list[tuple[int, set[int], States]]:
+        """The checked rows a load restores: (position, target sequences, states on this memory's device)."""
+        rows, pos, member, targets = state_rows(tensors, prefix, self.n_seq_max, seq_id, dest_seq_id)
+        n = tensors[f"{prefix}pos"].shape[0]
+        data = {name: [state_tensor(tensors, f"{prefix}{name}.{i}", x.dtype, (n, *x.shape[1:])).to(x.device)
+                       for i, x in enumerate(ts)] for name, ts in self.states.items()}
+        return [(int(pos[k]), {targets[j] for j in member[k].nonzero().flatten().tolist()},
+                 {name: [x[r] for x in xs] for name, xs in data.items()})  # views of the rows (no gather)
+                for k, r in enumerate(rows.tolist())]
+
+    def state_load(self, tensors: Tensors, meta: Meta, seq_id: int | None = None,
+                   dest_seq_id: int | None = None) -> Commit:
+        state_kind(meta, "recurrent")
+        if meta.get("n_layer") != str(self.n_layer):
+            raise StateError(f"the state's recurrent memory has {meta.get('n_layer')} layers, this one {self.n_layer}")
+        cells = self._unpack(tensors, "cell.", seq_id, dest_seq_id)
+        snaps = self._unpack(tensors, "snap.", seq_id, dest_seq_id)
+        owners = [s for _, seqs, _ in cells for s in seqs]
+        if len(owners) != len(set(owners)):
+            raise StateError("the state gives a sequence more than one recurrent cell")
+        if len(cells) > self.n_cells:
+            raise StateError(f"the state needs {len(cells)} recurrent cells but n_seq_max = {self.n_cells}")
+        gone = range(self.n_seq_max) if seq_id is None else [seq_id if dest_seq_id is None else dest_seq_id]
+
+        def commit() -> None:
+            for s in gone:
+                self.meta.detach(s)
+                self.snaps.pop(s, None)
+            for p, seqs, st in cells:
+                c = self.meta.first_empty()
+                self._write_cell(c, st)
+                self.meta.pos[c], self.meta.seqs[c] = p, set(seqs)
+                for s in seqs:
+                    self.meta.tail[s] = c
+            for p, seqs, st in snaps:
+                for s in seqs:
+                    self.snaps.setdefault(s, []).append(Snapshot(p, st))
+        return commit

@@ -30,6 +30,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, normalizers, pre_tokenizers
 
 from ..errors import GGUFFormatError, UnsupportedError
+from . import ugm
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = (
     int(t) for t in (TokenType.NORMAL, TokenType.UNKNOWN, TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.BYTE))
@@ -118,7 +119,7 @@ _K = "tokenizer.ggml."
 # tokenizer.ggml.model -> llama.cpp's default (bos, eos, unk, sep, pad, mask) ids
 _DEFAULT_IDS: dict[str, tuple[int | None, ...]] = {
     "llama": (1, 2, 0, None, None, None), "gpt2": (11, 11, None, None, None, None),
-    "bert": (101, None, 100, 102, 0, 103), "gemma4": (None,) * 6}
+    "bert": (101, None, 100, 102, 0, 103), "gemma4": (None,) * 6, "t5": (None, 1, 2, None, 0, None)}
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -223,6 +224,13 @@ class Tokenizer:
         if self.model not in _DEFAULT_IDS:
             raise UnsupportedError(
                 f"{name}: tokenizer model '{self.model}' is not supported (supported: {', '.join(_DEFAULT_IDS)})")
+        for key, elem in ((Keys.Tokenizer.LIST, str), (Keys.Tokenizer.MERGES, str), (Keys.Tokenizer.TOKEN_TYPE, int),
+                          (Keys.Tokenizer.SCORES, (int, float))):  # mistyped vocabularies: one line (issue 18)
+            v = meta.get(key)
+            if v is not None and not hasattr(v, "dtype") and (
+                    not isinstance(v, list) or not all(isinstance(x, elem) for x in v)):
+                raise GGUFFormatError(f"{name}: {key} must be an array of "
+                                      f"{'strings' if elem is str else 'numbers'}")
         tokens = meta.get(Keys.Tokenizer.LIST)
         if not tokens:
             raise GGUFFormatError(f"{name}: {Keys.Tokenizer.LIST} is missing or empty")
@@ -246,6 +254,7 @@ class Tokenizer:
         self.add_space_prefix = self.model == "llama"
         self.clean_spaces = self.model != "llama"
         self.add_bos, self.add_eos, self.add_sep = self.model in ("llama", "bert"), False, self.model == "bert"
+        self.add_eos = self.model == "t5"  # llama.cpp's UGM default: EOS closes the input
         regexes, ignore_merges = (), False
         if self.model == "gpt2":
             if self.pre not in _PRE:
@@ -259,6 +268,8 @@ class Tokenizer:
 
         def sid(key: str, default: int | None) -> int | None:
             v = meta.get(_K + key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):  # llama.cpp: wrong type
+                raise GGUFFormatError(f"{name}: {_K + key} = {str(v)[:40]} must be an integer")
             v = default if v is None or not 0 <= int(v) < n else int(v)
             return v if v is not None and 0 <= v < n else None
 
@@ -287,6 +298,10 @@ class Tokenizer:
             self._encode_texts = self._spm_backend()
         elif self.model in ("gpt2", "gemma4"):
             self._encode_texts = self._bpe_backend(meta, name, regexes, ignore_merges)
+        elif self.model == "t5":
+            self._encode_texts = ugm.backend(self.tokens, self.scores, file_types, self.unk_id if self.unk_id is not None else 2,
+                                             bytes(meta.get(_K + "precompiled_charsmap") or b""), self.add_space_prefix,
+                                             bool(meta.get(_K + "remove_extra_whitespaces", True)))
         else:
             lower = bool(meta.get(_K + "normalizer.lowercase", True))
             self._encode_texts = self._wpm_backend(file_types, lower,
@@ -495,8 +510,8 @@ class Tokenizer:
         for t, k in zip(self.tokens, self.token_types):
             if k in (CONTROL, UNKNOWN, USER_DEFINED):
                 out.append(t.encode())
-            elif k == BYTE and t.startswith("<0x") and len(t) == 6:
-                out.append(bytes([int(t[3:5], 16)]))
+            elif k == BYTE and t.startswith("<0x") and len(t) == 6:  # strtol: the leading hex digits, else 0
+                out.append(bytes([int(re.match(r"[0-9a-fA-F]*", t[3:5]).group() or "0", 16)]))
             elif k != NORMAL:
                 out.append(b"")
             elif dec is not None:

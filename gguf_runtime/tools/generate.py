@@ -12,6 +12,7 @@ import torch
 
 from ..batch import Batch
 from ..context import Context
+from ..memory.cross import CrossMemory
 
 
 @dataclass
@@ -53,6 +54,9 @@ def generate(ctx: Context, prompt: list[int], n_predict: int, sampler: Sampler, 
     ``n_predict`` tokens, one cached decode each. Stops early at an end-of-generation token."""
     if not prompt:
         raise ValueError("empty prompt")
+    if isinstance(ctx.memory, CrossMemory):  # encoder-decoder (T5): the prompt is the encoder's input and
+        ctx.encode(Batch(prompt, seq_ids=[seq_id] * len(prompt)))  # the decoder starts from its start token
+        prompt = [ctx.memory.decoder_start]
     for s in range(0, len(prompt), ctx.n_batch):
         piece = prompt[s: s + ctx.n_batch]
         last = s + len(piece) == len(prompt)

@@ -71,11 +71,12 @@ def check_params(n_tokens: int, n_ctx: int, n_batch: int) -> int:
     return n_tokens // n_ctx
 
 
-def make_context(model, n_ctx: int, n_batch: int = 2048, n_ubatch: int = 512) -> Context:
-    """The context llama-perplexity creates: n_seq = max(1, n_batch // n_ctx) sequences of n_ctx."""
+def make_context(model, n_ctx: int, n_batch: int = 2048, n_ubatch: int = 512, swa_full: bool = False) -> Context:
+    """The context llama-perplexity creates: n_seq = max(1, n_batch // n_ctx) sequences of n_ctx
+    (``swa_full``: sliding-window layers keep every position, llama.cpp's --swa-full)."""
     n_seq = max(1, n_batch // n_ctx)
     return Context(model, n_ctx=n_seq * n_ctx, n_batch=min(n_batch, n_seq * n_ctx), n_ubatch=n_ubatch,
-                   n_seq_max=n_seq)
+                   n_seq_max=n_seq, swa_full=swa_full)
 
 
 def _as_context(ctx_or_model, n_ctx: int, n_batch: int, n_ubatch: int) -> Context:
@@ -149,15 +150,13 @@ def running_perplexity(ctx_or_model, tokens: Sequence[int] | torch.Tensor, n_ctx
     ctx = _as_context(ctx_or_model, n_ctx, n_batch, n_ubatch)
     n_seq = max(1, n_batch // n_ctx)
 
-    def compute(ids: Sequence[int]) -> list[list[float]]:
-        """Per chunk: the sums of its tokens' NLL and NLL^2, their count and mean (float64)."""
-        out = []
+    def compute(ids: Sequence[int]) -> Iterator[list[float]]:
+        """Per chunk, as it is scored: the sums of its tokens' NLL and NLL^2, their count and mean (float64)."""
         for i, logits, targets in chunk_logits(ctx, tokens, n_ctx, n_batch, n_chunk, bos, ids):
             if on_logits is not None:
                 on_logits(i, logits, targets)
             v = token_nll(logits, targets)
-            out.append([float(v.sum()), float((v * v).sum()), v.numel(), float(v.mean())])
-        return out
+            yield [float(v.sum()), float((v * v).sum()), v.numel(), float(v.mean())]
 
     nll = nll2 = 0.0
     count = 0
