@@ -18,11 +18,16 @@ ARCHS = {
     "mamba": "mamba",
     "mamba2": "mamba2",
     "bert": "bert",
+    "jamba": "jamba",
+    "granitehybrid": "granitehybrid",
+    "t5": "t5",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "qwen3moe": "qwen3moe",
     "phi3": "phi3",
     "gpt2": "gpt2",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3",
 }
 
 
