@@ -22,9 +22,9 @@ import torch
 
 from gguf_runtime import fixtures, numerics
 from gguf_runtime.convert.hf import convert
-from gguf_runtime.embedding import Embedder
+from gguf_runtime.tools.embedding import Embedder
 from gguf_runtime.models import load_model
-from gguf_runtime.reader import GGUFFile
+from gguf_runtime.gguf.reader import GGUFFile
 from gguf_runtime.tokenizer import Tokenizer
 
 

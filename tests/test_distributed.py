@@ -38,11 +38,14 @@ def single(gguf_dir, wikitext):
 
 
 def test_two_processes_print_the_same_bytes(single, gguf_dir, wikitext):
-    """Two gloo ranks, another -b (so other chunks share a batch): the same lines, to the byte."""
+    """Two and three gloo ranks, another -b (so other chunks share a batch): the same lines, to the byte."""
     r = _run(_ppl_args(gguf_dir, wikitext, "-b", "256", "-ub", "64"), torchrun=2)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout == single
     assert "2 processes share the work" in r.stderr
+    three = _run(_ppl_args(gguf_dir, wikitext, "-b", "384"), torchrun=3)  # 3 ranks on 2 cores: uneven rounds
+    assert three.returncode == 0, three.stderr[-2000:]
+    assert three.stdout == single
 
 
 def test_killed_run_resumes_to_the_same_bytes(single, gguf_dir, wikitext, tmp_path):
