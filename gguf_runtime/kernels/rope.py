@@ -60,3 +60,25 @@ def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, neox: bool,
         r = torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
     r = r.to(x.dtype)
     return r if xp.shape[-1] == 0 else torch.cat([r, xp], -1)
+
+
+class Rotary:
+    """One model's RoPE, built once: frequencies for its scaling kind (and llama3 ``freq_factors``),
+    the magnitude scale, the pair layout (``neox``: halves; else adjacent pairs), and the parameters
+    of ggml's angle recurrence that ggml numerics use (none and linear scaling). ``rotary(t, pos)``
+    rotates queries and keys; :meth:`shift` re-rotates cached keys by a position delta (the K-shift:
+    no magnitude scale, the stored keys carry it)."""
+
+    def __init__(self, dim: int, base: float, scaling: dict | None = None, neox: bool = False,
+                 freq_factors: torch.Tensor | None = None, device=None):
+        inv, self.mscale = rope_freqs(dim, base, scaling)
+        self.inv, self.neox, self.freq_factors = inv.to(device), neox, freq_factors
+        kind = (scaling or {}).get("type") or "none"
+        scale = {"none": 1.0, "linear": 1.0 / (scaling or {}).get("factor", 1.0)}.get(kind)
+        self.ggml = None if scale is None else (base, scale)
+
+    def __call__(self, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return rope(t, pos, self.inv, self.neox, self.freq_factors, self.mscale, self.ggml)
+
+    def shift(self, k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return rope(k, delta, self.inv, self.neox, self.freq_factors)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..kernels.rope import Rotary
 from ..gguf.hparams import HParams
 from ..memory.kv_cache import KVCache, KVView
 from ..numerics import Numerics
@@ -130,21 +131,12 @@ class Model(BaseModel):
         self.rope_freqs = Weights(weight=(args.rope_dim // 2,))  # llama3 frequency divisors, when present
 
     def loaded(self, f) -> None:
-        a = self.args
-        inv, self.rope_mscale = kernels.rope_freqs(a.rope_dim, a.rope_base, a.rope_scaling)
-        self.rope_inv = inv.to(self.device)
-        kind = (a.rope_scaling or {}).get("type") or "none"  # ggml's angle recurrence, for ggml numerics
-        scale = {"none": 1.0, "linear": 1.0 / (a.rope_scaling or {}).get("factor", 1.0)}.get(kind)
-        self.rope_ggml = None if scale is None else (a.rope_base, scale)
-        ff = self.rope_freqs.weight
-        self.freq_factors = None if ff is None else ff.float()
-
-    def rope(self, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return kernels.rope(t, pos, self.rope_inv, False, self.freq_factors, self.rope_mscale, self.rope_ggml)
+        a, ff = self.args, self.rope_freqs.weight
+        self.rope = Rotary(a.rope_dim, a.rope_base, a.rope_scaling, False, None if ff is None else ff.float(), self.device)
 
     def rotate(self, il: int, k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """K-shift: a rotation by the position delta (no magnitude scale: stored keys carry it)."""
-        return kernels.rope(k.to(self.dtype), delta, self.rope_inv, False, self.freq_factors)
+        """K-shift: a rotation by the position delta."""
+        return self.rope.shift(k.to(self.dtype), delta)
 
     def make_memory(self, n_ctx: int, n_seq_max: int, numerics: Numerics) -> KVCache:
         a = self.args

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..kernels.rope import Rotary
 from ..gguf.hparams import HParams
 from ..memory.kv_cache import KVCache, KVView
 from ..numerics import Numerics
@@ -106,15 +107,10 @@ class Model(BaseModel):
 
     def loaded(self, f) -> None:
         a = self.args
-        inv, self.rope_mscale = kernels.rope_freqs(a.head_dim, a.rope_base, a.rope_scaling)
-        self.rope_inv = inv.to(self.device)
-        self.rope_ggml = (a.rope_base, 1.0) if a.rope_scaling is None else None
-
-    def rope(self, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return kernels.rope(t, pos, self.rope_inv, True, None, self.rope_mscale, self.rope_ggml)
+        self.rope = Rotary(a.head_dim, a.rope_base, a.rope_scaling, True, device=self.device)  # NeoX pairs
 
     def rotate(self, il: int, k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return kernels.rope(k.to(self.dtype), delta, self.rope_inv, True)
+        return self.rope.shift(k.to(self.dtype), delta)
 
     def make_memory(self, n_ctx: int, n_seq_max: int, numerics: Numerics) -> KVCache:
         a = self.args
