@@ -1,16 +1,19 @@
-"""Dequantization throughput: GB/s of GGUF bytes turned into float32, gguf_runtime (torch) against
-gguf-py's numpy reference on the same tensors in one run, and on CUDA when a device is present.
+"""Dequantization throughput: GB/s of GGUF bytes turned into float32, gguf_runtime (native C loops
+on CPU, torch kernels with GGUF_RUNTIME_NATIVE=0 and on CUDA) against gguf-py's numpy reference on
+the same tensors in one run, and on CUDA when a device is present.
 
     python benchmarks/dequant.py                   # every type, random blocks, 2048 x 4096 values
     python benchmarks/dequant.py --file model.gguf # the tensors of a real file, grouped by type
 
 Each result is checked bit for bit against gguf-py (NaN positions aside) before it is timed.
 Prints a markdown table (best of --repeat runs). "out=" times ours writing into a preallocated
-float32 tensor: the kernels alone, without faulting in fresh memory for the result.
+float32 tensor: the kernels alone, without faulting in fresh memory for the result; "torch out="
+the same with the native loops switched off (GGUF_RUNTIME_NATIVE=0).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from collections import defaultdict
@@ -100,6 +103,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads ({clock}), {platform.processor() or platform.machine()}"
           + (f", CUDA: {torch.cuda.get_device_name()}" if cuda else ", no CUDA device"))
     head = ("| type | MB | gguf-py GB/s | ours CPU GB/s | speed-up | ours CPU, out= GB/s | speed-up |"
+            " torch out= GB/s | speed-up |"
             + (" ours CUDA GB/s | CUDA speed-up |" if cuda else ""))
     print("\n" + head)
     print("|" + "---|" * (head.count("|") - 1))
@@ -111,9 +115,20 @@ def main() -> None:
         t_cpu = best(lambda: [dequantize(raw, q, s) for raw, q, s in items], args.repeat)
         bufs = [torch.empty(s) for _, _, s in items]
         t_out = best(lambda: [dequantize(raw, q, s, out=o) for (raw, q, s), o in zip(items, bufs)], args.repeat)
+        prev, os.environ["GGUF_RUNTIME_NATIVE"] = os.environ.get("GGUF_RUNTIME_NATIVE"), "0"
+        try:
+            for (raw, q, s), o in zip(items, bufs):
+                check(dequantize(raw, q, s, out=o), gguf_py(raw, q), name + " (torch kernels)")
+            t_torch = best(lambda: [dequantize(raw, q, s, out=o) for (raw, q, s), o in zip(items, bufs)], args.repeat)
+        finally:
+            if prev is None:
+                del os.environ["GGUF_RUNTIME_NATIVE"]
+            else:
+                os.environ["GGUF_RUNTIME_NATIVE"] = prev
         del bufs
         row = (f"| {name} | {n_bytes / 1e6:.1f} | {n_bytes / t_ref / 1e9:.3f} | {n_bytes / t_cpu / 1e9:.3f} | "
-               f"{t_ref / t_cpu:.1f}x | {n_bytes / t_out / 1e9:.3f} | {t_ref / t_out:.1f}x |")
+               f"{t_ref / t_cpu:.1f}x | {n_bytes / t_out / 1e9:.3f} | {t_ref / t_out:.1f}x | "
+               f"{n_bytes / t_torch / 1e9:.3f} | {t_ref / t_torch:.1f}x |")
         if cuda:
             dev = [(torch.from_numpy(raw).cuda(), q, s) for raw, q, s in items]
             for (raw, q, s), (ref_raw, _, _) in zip(dev, items):

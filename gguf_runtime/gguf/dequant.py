@@ -1,4 +1,4 @@
-"""Dequantization of every ggml type gguf-py can dequantize, in vectorised torch.
+"""Dequantization of every ggml type gguf-py can dequantize: vectorised torch kernels, and fused C loops on CPU.
 
 Each kernel maps a ``(n_blocks, type_size)`` uint8 tensor to ``(n_blocks, block_size)`` float32 with
 bit operations and broadcasting only (no Python loop over blocks), on whatever device the bytes are
@@ -6,6 +6,11 @@ on: the same code runs on CPU and CUDA. The arithmetic follows gguf-py's referen
 (``gguf.quants``) step for step - same float32 products in the same order - so results are
 bit-identical to ``gguf.quants.dequantize``. Lookup tables (IQ grids, sign patterns, non-linear
 4-bit values) are taken from gguf-py's own classes at import time, never retyped.
+
+On CPU every block type runs instead through a fused C loop (``_dequant.c``: one pass per block,
+built on first use and loaded with ctypes, see ``gguf_runtime.gguf.native``) with the same float32
+operations in the same order, so the result is the same bits, several times faster. CUDA tensors,
+``GGUF_RUNTIME_NATIVE=0``, or no working C compiler keep the torch kernels below.
 
 Large tensors are processed in chunks of about a million values (whole blocks) so that the
 intermediates stay in cache on CPU and bounded on CUDA; the loop is over chunks, never over blocks.
@@ -23,6 +28,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gq
 
 from ..errors import GGUFFormatError, UnsupportedError
+from . import native as _native
 
 T = GGMLQuantizationType
 Tensor = torch.Tensor
@@ -437,11 +443,15 @@ def dequantize(raw, qtype: GGMLQuantizationType, shape, device=None, dtype=torch
             return out.copy_(b.view(_PLAIN[qtype]).view(shape))
         # a fresh tensor, never a view of the caller's (possibly read-only, memory-mapped) bytes
         return b.view(_PLAIN[qtype]).to(dtype, copy=b.device.type == "cpu").reshape(shape)
-    kernel = _KERNELS[qtype]
     blocks = b.view(-1, ts)
     nb = blocks.shape[0]
     res = (torch.empty(shape, dtype=dtype, device=dev) if out is None else out).view(nb, bs)
     step = max(1, (_CHUNK_CPU if dev.type == "cpu" else _CHUNK_CUDA) // bs)
+    kernel = _native.kernel(qtype) if dev.type == "cpu" else None
+    if kernel is None:
+        kernel = _KERNELS[qtype]
+    elif dtype == torch.float32:
+        step = max(1, nb)  # one fused pass straight into the result: no intermediates to bound
     tmp = None if dtype == torch.float32 else torch.empty(min(step, nb), bs, device=dev)
     for i in range(0, nb, step):  # chunks of many blocks
         chunk = blocks[i:i + step]

@@ -1,0 +1,453 @@
+/* Fused dequantization loops: GGUF blocks (bytes) -> float32, one pass per block.
+ *
+ * Part of gguf_runtime.gguf.dequant (see its docstring): compiled on first use with the system C
+ * compiler (-O3 -ffp-contract=off, never -ffast-math) and loaded with ctypes by
+ * gguf_runtime.gguf.native. Every float32
+ * operation is the one gguf-py's reference (gguf.quants) performs, in the same order and grouping:
+ * integer codes are decoded exactly, converted to float32, then multiplied / added as gguf-py does
+ * (e.g. Q4_K: (d * sc) * q - (dmin * m)), so results are bit-identical to gguf.quants.dequantize.
+ * -ffp-contract=off keeps a * b + c from becoming a fused multiply-add.
+ *
+ * Each exported function dq_<type>(x, y, nb, nt) turns nb contiguous blocks at x into
+ * nb * block_size floats at y, splitting the blocks over nt OpenMP threads when built with OpenMP
+ * (each block is computed alone, so the result does not depend on nt, nor on how it is stored).
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define QK_K 256
+
+static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+static inline uint32_t rd32(const uint8_t *p) {
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+static inline float from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* IEEE half -> float, exact (subnormals normalised, inf kept, NaN payload shifted like numpy). */
+static inline float f16(const uint8_t *p) {
+    uint32_t h = rd16(p), s = (h & 0x8000u) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF;
+    if (e == 0x1F) return from_bits(s | 0x7F800000u | (m << 13));
+    if (e) return from_bits(s | ((e + 112) << 23) | (m << 13));
+    float v = (float)m * 5.9604644775390625e-08f; /* m * 2^-24: exact */
+    return s ? -v : v;
+}
+
+/* gguf-py's integer tables, held as the floats they convert to (a float lookup vectorises) */
+static const float kvalues_iq4nl[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+static const float kvalues_fp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+/* ---- 32-value blocks ---------------------------------------------------------------------- */
+
+static inline void q4_0(const uint8_t *restrict x, float *restrict y) { /* d[2] qs[16] */
+    const float d = f16(x);
+    for (int j = 0; j < 16; j++) y[j] = d * (float)((int)(x[2 + j] & 0xF) - 8);
+    for (int j = 0; j < 16; j++) y[j + 16] = d * (float)((int)(x[2 + j] >> 4) - 8);
+}
+
+static inline void q4_1(const uint8_t *restrict x, float *restrict y) { /* d[2] m[2] qs[16] */
+    const float d = f16(x), m = f16(x + 2);
+    for (int j = 0; j < 16; j++) y[j] = d * (float)(x[4 + j] & 0xF) + m;
+    for (int j = 0; j < 16; j++) y[j + 16] = d * (float)(x[4 + j] >> 4) + m;
+}
+
+static inline void q5_0(const uint8_t *restrict x, float *restrict y) { /* d[2] qh[4] qs[16] */
+    const float d = f16(x);
+    const uint32_t qh = rd32(x + 2);
+    for (int j = 0; j < 16; j++) {
+        int lo = (x[6 + j] & 0xF) | (((qh >> j) & 1) << 4);
+        int hi = (x[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+        y[j] = d * (float)(lo - 16);
+        y[j + 16] = d * (float)(hi - 16);
+    }
+}
+
+static inline void q5_1(const uint8_t *restrict x, float *restrict y) { /* d[2] m[2] qh[4] qs[16] */
+    const float d = f16(x), m = f16(x + 2);
+    const uint32_t qh = rd32(x + 4);
+    for (int j = 0; j < 16; j++) {
+        int lo = (x[8 + j] & 0xF) | (((qh >> j) & 1) << 4);
+        int hi = (x[8 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+        y[j] = d * (float)lo + m;
+        y[j + 16] = d * (float)hi + m;
+    }
+}
+
+static inline void q8_0(const uint8_t *restrict x, float *restrict y) { /* d[2] qs[32] */
+    const float d = f16(x);
+    for (int j = 0; j < 32; j++) y[j] = (float)(int8_t)x[2 + j] * d;
+}
+
+static inline void iq4_nl(const uint8_t *restrict x, float *restrict y) { /* d[2] qs[16] */
+    const float d = f16(x);
+    for (int j = 0; j < 16; j++) {
+        y[j] = d * kvalues_iq4nl[x[2 + j] & 0xF];
+        y[j + 16] = d * kvalues_iq4nl[x[2 + j] >> 4];
+    }
+}
+
+/* ggml_e8m0_to_fp32_half: 2^(e-128), as a denormal for e < 2 */
+static inline float e8m0_half(uint8_t e) { return from_bits(e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23); }
+
+static inline void mxfp4(const uint8_t *restrict x, float *restrict y) { /* e[1] qs[16] */
+    const float d = e8m0_half(x[0]);
+    for (int j = 0; j < 16; j++) {
+        y[j] = d * kvalues_fp4[x[1 + j] & 0xF];
+        y[j + 16] = d * kvalues_fp4[x[1 + j] >> 4];
+    }
+}
+
+/* ---- 64-value blocks ---------------------------------------------------------------------- */
+
+/* unsigned E4M3 (bias 7) times 0.5; 0 and 0x7F are 0. Every value is exact in float32. */
+static inline float ue4m3_half(uint8_t v) {
+    if (v == 0 || v == 0x7F) return 0.0f;
+    int e = (v >> 3) & 0xF, m = v & 7;
+    if (e == 0) return (float)m * 0.0009765625f; /* m * 2^-9 * 0.5 */
+    return from_bits((uint32_t)(e - 7 + 127 - 1) << 23) * (1.0f + (float)m * 0.125f);
+}
+
+static inline void nvfp4(const uint8_t *restrict x, float *restrict y) { /* d[4] (ue4m3) qs[32] */
+    for (int s = 0; s < 4; s++) {
+        const float d = ue4m3_half(x[s]);
+        const uint8_t *q = x + 4 + 8 * s;
+        for (int l = 0; l < 8; l++) {
+            y[16 * s + l] = d * kvalues_fp4[q[l] & 0xF];
+            y[16 * s + 8 + l] = d * kvalues_fp4[q[l] >> 4];
+        }
+    }
+}
+
+/* ---- 256-value super-blocks --------------------------------------------------------------- */
+
+static inline void q2_k(const uint8_t *restrict x, float *restrict y) { /* scales[16] qs[64] d[2] dmin[2] */
+    const float d = f16(x + 80), dmin = f16(x + 82);
+    for (int g = 0; g < 16; g++) { /* value e = 128 h + 32 s + l: (qs[32 h + l] >> 2 s) & 3 */
+        const float dl = d * (float)(x[g] & 0xF), ml = dmin * (float)(x[g] >> 4);
+        const int h = g >> 3, s = (g >> 1) & 3, l0 = (g & 1) * 16;
+        const uint8_t *q = x + 16 + 32 * h + l0;
+        for (int l = 0; l < 16; l++) y[16 * g + l] = dl * (float)((q[l] >> (2 * s)) & 3) - ml;
+    }
+}
+
+static inline void q3_k(const uint8_t *restrict x, float *restrict y) { /* hmask[32] qs[64] scales[12] d[2] */
+    const float d = f16(x + 108);
+    const uint8_t *sc = x + 96;
+    float dl[16];
+    for (int g = 0; g < 16; g++) { /* 6-bit scales: low 4 bits from sc[0..7], high 2 from sc[8..11] */
+        int ls = (sc[g & 7] >> (4 * (g >> 3))) & 0xF, hs = (sc[8 + (g & 3)] >> (2 * (g >> 2))) & 3;
+        dl[g] = d * (float)((ls | (hs << 4)) - 32);
+    }
+    for (int h = 0; h < 2; h++)
+        for (int s = 0; s < 4; s++) { /* values 128 h + 32 s + l: (qs[32 h + l] >> 2 s) & 3, less 4 where
+                                         bit 4 h + s of hmask[l] is clear; 16 values per scale */
+            const uint8_t *q = x + 32 + 32 * h;
+            const float d0 = dl[8 * h + 2 * s], d1 = dl[8 * h + 2 * s + 1];
+            float *yy = y + 128 * h + 32 * s;
+            for (int l = 0; l < 32; l++) {
+                const int v = ((q[l] >> (2 * s)) & 3) - ((((x[l] >> (4 * h + s)) & 1) ^ 1) << 2);
+                yy[l] = (l < 16 ? d0 : d1) * (float)v;
+            }
+        }
+}
+
+static inline void k_scale_min(const uint8_t *s, int j, int *sc, int *m) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+static inline void q4_k(const uint8_t *restrict x, float *restrict y) { /* d[2] dmin[2] scales[12] qs[128] */
+    const float d = f16(x), dmin = f16(x + 2);
+    for (int j = 0; j < 8; j++) { /* sub-block j = 2 c + s: (qs[32 c + l] >> 4 s) & 15 */
+        int sc, m;
+        k_scale_min(x + 4, j, &sc, &m);
+        const float dl = d * (float)sc, ml = dmin * (float)m;
+        const uint8_t *q = x + 16 + 32 * (j >> 1);
+        const int sh = 4 * (j & 1);
+        for (int l = 0; l < 32; l++) y[32 * j + l] = dl * (float)((q[l] >> sh) & 0xF) - ml;
+    }
+}
+
+static inline void q5_k(const uint8_t *restrict x, float *restrict y) { /* d[2] dmin[2] scales[12] qh[32] qs[128] */
+    const float d = f16(x), dmin = f16(x + 2);
+    for (int j = 0; j < 8; j++) {
+        int sc, m;
+        k_scale_min(x + 4, j, &sc, &m);
+        const float dl = d * (float)sc, ml = dmin * (float)m;
+        const uint8_t *q = x + 48 + 32 * (j >> 1), *qh = x + 16;
+        const int sh = 4 * (j & 1);
+        for (int l = 0; l < 32; l++)
+            y[32 * j + l] = dl * (float)(((q[l] >> sh) & 0xF) | (((qh[l] >> j) & 1) << 4)) - ml;
+    }
+}
+
+static inline void q6_k(const uint8_t *restrict x, float *restrict y) { /* ql[128] qh[64] scales[16] d[2] */
+    const float d = f16(x + 208);
+    for (int h = 0; h < 2; h++) { /* value 128 h + 32 t + l: low bits from ql[64 h + l (+ 32)], high from qh[32 h + l] */
+        const uint8_t *ql = x + 64 * h, *qh = x + 128 + 32 * h;
+        const int8_t *sc = (const int8_t *)(x + 192 + 8 * h);
+        float *yh = y + 128 * h;
+        for (int half = 0; half < 2; half++) { /* 16 values share a scale */
+            const float d0 = d * (float)sc[half], d1 = d * (float)sc[2 + half];
+            const float d2 = d * (float)sc[4 + half], d3 = d * (float)sc[6 + half];
+            for (int l = 16 * half; l < 16 * half + 16; l++) {
+                yh[l] = d0 * (float)(((ql[l] & 0xF) | ((qh[l] & 3) << 4)) - 32);
+                yh[l + 32] = d1 * (float)(((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
+                yh[l + 64] = d2 * (float)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+                yh[l + 96] = d3 * (float)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+            }
+        }
+    }
+}
+
+static inline void iq4_xs(const uint8_t *restrict x, float *restrict y) { /* d[2] scales_h[2] scales_l[4] qs[128] */
+    const float d = f16(x);
+    const uint16_t sh = rd16(x + 2);
+    for (int j = 0; j < 8; j++) {
+        int ls = (x[4 + j / 2] >> (4 * (j & 1))) & 0xF, hs = (sh >> (2 * j)) & 3;
+        const float dl = d * (float)((ls | (hs << 4)) - 32);
+        const uint8_t *q = x + 8 + 16 * j;
+        for (int l = 0; l < 16; l++) {
+            y[32 * j + l] = dl * kvalues_iq4nl[q[l] & 0xF];
+            y[32 * j + 16 + l] = dl * kvalues_iq4nl[q[l] >> 4];
+        }
+    }
+}
+
+static inline void tq1_0(const uint8_t *restrict x, float *restrict y) { /* qs[48] qh[4] d[2]: base-3 digits */
+    static const uint8_t pow3[5] = {1, 3, 9, 27, 81};
+    const float d = f16(x + 52);
+    for (int k = 0; k < 5; k++) {
+        for (int l = 0; l < 32; l++) {
+            uint8_t v = (uint8_t)(x[l] * pow3[k]);
+            y[32 * k + l] = d * (float)((((uint16_t)v * 3) >> 8) - 1);
+        }
+        for (int l = 0; l < 16; l++) {
+            uint8_t v = (uint8_t)(x[32 + l] * pow3[k]);
+            y[160 + 16 * k + l] = d * (float)((((uint16_t)v * 3) >> 8) - 1);
+        }
+    }
+    for (int k = 0; k < 4; k++)
+        for (int l = 0; l < 4; l++) {
+            uint8_t v = (uint8_t)(x[48 + l] * pow3[k]);
+            y[240 + 4 * k + l] = d * (float)((((uint16_t)v * 3) >> 8) - 1);
+        }
+}
+
+static inline void tq2_0(const uint8_t *restrict x, float *restrict y) { /* qs[64] d[2] */
+    const float d = f16(x + 64);
+    for (int h = 0; h < 2; h++)
+        for (int s = 0; s < 4; s++)
+            for (int l = 0; l < 32; l++) y[128 * h + 32 * s + l] = d * (float)(((x[32 * h + l] >> (2 * s)) & 3) - 1);
+}
+
+/* IQ1 / IQ2 / IQ3 types: grid rows (gguf-py's grids, handed over by Python when the library is loaded:
+ * dq_set_tables) times one scale per 16 or 32 values, negated where the sign bit is set (gguf-py
+ * multiplies by -1: the same bits for every number; a NaN may come out with the other sign, which
+ * the NaN policy of the tests allows). IQ1 rows hold grid + delta and grid - delta, the sums
+ * gguf-py forms before its product. */
+static const float *grid_iq3xxs, *grid_iq3s;          /* (256, 4), (512, 4) */
+static const float *grid_iq2xxs, *grid_iq2xs, *grid_iq2s; /* (256, 8), (512, 8), (1024, 8) */
+static const float *rows_iq1;                         /* (4096, 8): grid + delta, then grid - delta */
+static const uint8_t *ksigns;                         /* 128 sign patterns of IQ2_XXS */
+
+void dq_set_tables(const float *iq3xxs, const float *iq3s, const float *iq2xxs, const float *iq2xs,
+                   const float *iq2s, const float *iq1, const uint8_t *signs) {
+    grid_iq3xxs = iq3xxs;
+    grid_iq3s = iq3s;
+    grid_iq2xxs = iq2xxs;
+    grid_iq2xs = iq2xs;
+    grid_iq2s = iq2s;
+    rows_iq1 = iq1;
+    ksigns = signs;
+}
+
+static inline float negate_if(float v, uint32_t bit) { /* flip the sign bit: no branch to mispredict */
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return from_bits(u ^ (bit << 31));
+}
+
+static inline void iq3_xxs(const uint8_t *restrict x, float *restrict y) { /* d[2] qs[64] aux[8 x u32] */
+    const float d = f16(x);
+    for (int j = 0; j < 8; j++) {
+        const uint32_t aux = rd32(x + 66 + 4 * j);
+        const float db = d * (0.5f + (float)(aux >> 28)) * 0.5f;
+        for (int k = 0; k < 4; k++) { /* 8 values: two grid rows, one 7-bit sign pattern */
+            const uint8_t sg = ksigns[(aux >> (7 * k)) & 127];
+            const float *g0 = grid_iq3xxs + 4 * x[2 + 8 * j + 2 * k], *g1 = grid_iq3xxs + 4 * x[3 + 8 * j + 2 * k];
+            float *yy = y + 32 * j + 8 * k;
+            for (int c = 0; c < 4; c++) yy[c] = negate_if(db * g0[c], (sg >> c) & 1);
+            for (int c = 0; c < 4; c++) yy[4 + c] = negate_if(db * g1[c], (sg >> (4 + c)) & 1);
+        }
+    }
+}
+
+static inline void iq3_s(const uint8_t *restrict x, float *restrict y) { /* d[2] qs[64] qh[8] signs[32] scales[4] */
+    const float d = f16(x);
+    const uint8_t *qs = x + 2, *qh = x + 66, *sg = x + 74, *sc = x + 106;
+    for (int j = 0; j < 8; j++) {
+        const float db = d * (float)(1 + 2 * ((sc[j / 2] >> (4 * (j & 1))) & 0xF));
+        for (int i = 8 * j; i < 8 * j + 8; i++) { /* grid row i: 9-bit index, 4 values */
+            const float *g = grid_iq3s + 4 * (qs[i] | (((qh[i >> 3] >> (i & 7)) & 1) << 8));
+            for (int c = 0; c < 4; c++) {
+                const int e = 4 * i + c;
+                y[e] = negate_if(db * g[c], (sg[e >> 3] >> (e & 7)) & 1);
+            }
+        }
+    }
+}
+
+static inline void iq2_xxs(const uint8_t *restrict x, float *restrict y) { /* d[2] (grid bytes[4], aux[u32]) x 8 */
+    const float d = f16(x);
+    for (int j = 0; j < 8; j++) {
+        const uint8_t *q = x + 2 + 8 * j;
+        const uint32_t aux = rd32(q + 4);
+        const float db = d * (0.5f + (float)(aux >> 28)) * 0.25f;
+        for (int k = 0; k < 4; k++) {
+            const uint8_t sg = ksigns[(aux >> (7 * k)) & 127];
+            const float *g = grid_iq2xxs + 8 * q[k];
+            for (int c = 0; c < 8; c++) y[32 * j + 8 * k + c] = negate_if(db * g[c], (sg >> c) & 1);
+        }
+    }
+}
+
+static inline float iq2_scale(float d, const uint8_t *sc, int i) { /* grid row i (of 32): its 4-bit scale */
+    return d * (0.5f + (float)((sc[i >> 2] >> (4 * ((i >> 1) & 1))) & 0xF)) * 0.25f;
+}
+
+static inline void iq2_xs(const uint8_t *restrict x, float *restrict y) { /* d[2] qs[32 x u16] scales[8] */
+    const float d = f16(x);
+    for (int i = 0; i < 32; i++) {
+        const uint16_t q = rd16(x + 2 + 2 * i);
+        const float db = iq2_scale(d, x + 66, i);
+        const uint8_t sg = ksigns[q >> 9];
+        const float *g = grid_iq2xs + 8 * (q & 511);
+        for (int c = 0; c < 8; c++) y[8 * i + c] = negate_if(db * g[c], (sg >> c) & 1);
+    }
+}
+
+static inline void iq2_s(const uint8_t *restrict x, float *restrict y) { /* d[2] qs[32] signs[32] qh[8] scales[8] */
+    const float d = f16(x);
+    for (int i = 0; i < 32; i++) {
+        const float db = iq2_scale(d, x + 74, i);
+        const uint8_t sg = x[34 + i];
+        const float *g = grid_iq2s + 8 * (x[2 + i] | (((x[66 + (i >> 2)] >> (2 * (i & 3))) & 3) << 8));
+        for (int c = 0; c < 8; c++) y[8 * i + c] = negate_if(db * g[c], (sg >> c) & 1);
+    }
+}
+
+static inline void iq1_s(const uint8_t *restrict x, float *restrict y) { /* d[2] qs[32] qh[8 x u16] */
+    const float d = f16(x);
+    for (int j = 0; j < 8; j++) {
+        const uint16_t qh = rd16(x + 34 + 2 * j);
+        const float dl = d * (float)(2 * ((qh >> 12) & 7) + 1);
+        const float *rows = rows_iq1 + 8 * 2048 * (qh >> 15);
+        for (int k = 0; k < 4; k++) {
+            const float *g = rows + 8 * (x[2 + 4 * j + k] | (((qh >> (3 * k)) & 7) << 8));
+            for (int c = 0; c < 8; c++) y[32 * j + 8 * k + c] = dl * g[c];
+        }
+    }
+}
+
+static inline void iq1_m(const uint8_t *restrict x, float *restrict y) { /* qs[32] qh[16] scales[4 x u16] */
+    uint16_t sc[4];
+    for (int w = 0; w < 4; w++) sc[w] = rd16(x + 48 + 2 * w);
+    const uint16_t dbits = (uint16_t)((sc[0] >> 12) | ((sc[1] >> 8) & 0xF0) | ((sc[2] >> 4) & 0xF00) | (sc[3] & 0xF000));
+    const uint8_t db[2] = {(uint8_t)dbits, (uint8_t)(dbits >> 8)};
+    const float d = f16(db); /* the fp16 super-scale, spread over the scales' top nibbles */
+    for (int i = 0; i < 32; i++) { /* grid row i: 3-bit scale (i >> 1) of 16, 3 index bits and a delta sign */
+        const int s = i >> 1, nib = (x[32 + (i >> 1)] >> (4 * (i & 1))) & 0xF;
+        const float dl = d * (float)(2 * ((sc[s >> 2] >> (3 * (s & 3))) & 7) + 1);
+        const float *g = rows_iq1 + 8 * (x[i] | ((nib & 7) << 8) | ((nib & 8) << 8));
+        for (int c = 0; c < 8; c++) y[8 * i + c] = dl * g[c];
+    }
+}
+
+/* ---- drivers ------------------------------------------------------------------------------ */
+
+/* Outputs of STREAM_MIN floats or more (larger than a core's L2) are written with non-temporal
+ * stores where the CPU has them: runs of blocks are decoded into a small aligned buffer (1 KiB,
+ * large enough that reading it back does not wait on the stores just made), then streamed out,
+ * which saves reading every destination cache line before it is overwritten (1.5-2.5x on large
+ * tensors). Smaller outputs are written directly and stay in cache for their consumer. Either way
+ * the same floats land in the same places. */
+#define STREAM_MIN (1 << 20)
+#if defined(__AVX512F__) || defined(__AVX__)
+#include <immintrin.h>
+#define STREAM_ALIGN 64
+static inline void stream(float *restrict y, const float *restrict t, int n) {
+#ifdef __AVX512F__
+    for (int k = 0; k < n; k += 16) _mm512_stream_ps(y + k, _mm512_load_ps(t + k));
+#else
+    for (int k = 0; k < n; k += 8) _mm256_stream_ps(y + k, _mm256_load_ps(t + k));
+#endif
+}
+static inline void stream_fence(void) { _mm_sfence(); }
+#else
+#define STREAM_ALIGN 0 /* no streaming path */
+static inline void stream(float *restrict y, const float *restrict t, int n) { memcpy(y, t, 4 * (size_t)n); }
+static inline void stream_fence(void) {}
+#endif
+
+#define STR(x) #x
+#define OMP(x) _Pragma(STR(omp x))
+#define PARALLEL_MIN (1 << 16) /* smaller calls (a few embedding rows) stay on the calling thread */
+#define GROUP(BS) (BS < 256 ? 256 / BS : 1) /* blocks decoded per streamed run: 1 KiB of floats */
+#define DRIVER(name, TS, BS)                                                                   \
+    static void direct_##name(const uint8_t *restrict x, float *restrict y, int64_t i0,        \
+                              int64_t nb, int nt) {                                            \
+        (void)nt;                                                                              \
+        OMP(parallel for schedule(static) num_threads(nt) if(nt > 1))                          \
+        for (int64_t i = i0; i < nb; i++) name(x + i * TS, y + i * BS);                        \
+    }                                                                                          \
+    void dq_##name(const uint8_t *restrict x, float *restrict y, int64_t nb, int nt) {        \
+        if (nb * BS < PARALLEL_MIN) nt = 1;                                                    \
+        if (!STREAM_ALIGN || nb * BS < STREAM_MIN || (uintptr_t)y % 64) {                      \
+            direct_##name(x, y, 0, nb, nt);                                                    \
+            return;                                                                            \
+        }                                                                                      \
+        const int64_t ng = nb / GROUP(BS); /* whole runs streamed, the last blocks direct */   \
+        OMP(parallel num_threads(nt) if(nt > 1)) {                                             \
+            float t[GROUP(BS) * BS] __attribute__((aligned(64)));                             \
+            OMP(for schedule(static))                                                          \
+            for (int64_t g = 0; g < ng; g++) {                                                 \
+                for (int k = 0; k < GROUP(BS); k++)                                            \
+                    name(x + (g * GROUP(BS) + k) * TS, t + k * BS);                            \
+                stream(y + g * GROUP(BS) * BS, t, GROUP(BS) * BS);                             \
+            }                                                                                  \
+            stream_fence(); /* each thread's streamed stores, before the region ends */       \
+        }                                                                                      \
+        direct_##name(x, y, ng * GROUP(BS), nb, 1);                                            \
+    }
+
+DRIVER(q4_0, 18, 32)
+DRIVER(q4_1, 20, 32)
+DRIVER(q5_0, 22, 32)
+DRIVER(q5_1, 24, 32)
+DRIVER(q8_0, 34, 32)
+DRIVER(iq4_nl, 18, 32)
+DRIVER(mxfp4, 17, 32)
+DRIVER(nvfp4, 36, 64)
+DRIVER(q2_k, 84, QK_K)
+DRIVER(q3_k, 110, QK_K)
+DRIVER(q4_k, 144, QK_K)
+DRIVER(q5_k, 176, QK_K)
+DRIVER(q6_k, 210, QK_K)
+DRIVER(iq4_xs, 136, QK_K)
+DRIVER(tq1_0, 54, QK_K)
+DRIVER(tq2_0, 66, QK_K)
+DRIVER(iq3_xxs, 98, QK_K)
+DRIVER(iq3_s, 110, QK_K)
+DRIVER(iq2_xxs, 66, QK_K)
+DRIVER(iq2_xs, 74, QK_K)
+DRIVER(iq2_s, 82, QK_K)
+DRIVER(iq1_s, 50, QK_K)
+DRIVER(iq1_m, 56, QK_K)
+
+/* The ABI version Python checks after loading (bump when a signature changes). */
+int dq_abi(void) { return 3; }

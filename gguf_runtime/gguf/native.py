@@ -1,0 +1,167 @@
+"""The native dequantization loops (``_dequant.c``): compiled once per machine, loaded with ctypes.
+
+``kernel(qtype)`` returns a function ``(blocks, out)`` that fills ``out`` ((n, block_size) float32,
+contiguous, CPU) from ``blocks`` ((n, type_size) uint8, contiguous, CPU) in one fused pass per
+block, with gguf-py's float32 operations in gguf-py's order (bit-identical results; see the C
+file), or ``None`` when there is no native loop for the type or no usable library.
+
+The library is built on first use with the system C compiler (``$CC``, else ``cc`` / ``gcc``;
+``-O3 -ffp-contract=off -march=native``, with OpenMP when the compiler has it) into
+``$GGUF_RUNTIME_CACHE/native/`` (default ``~/.cache/gguf-runtime``), named by a hash of the source,
+the compiler (path, size, mtime), the flags and the CPU's model and flags, and published
+atomically (a failed build leaves a ``.failed`` note instead, so it is not retried); later
+processes only load it. Blocks are split over ``torch.get_num_threads()`` threads; each block is
+computed alone, so the thread count never changes a result.
+
+``GGUF_RUNTIME_NATIVE=0`` turns the native path off (the torch kernels of ``dequant`` run instead).
+No compiler, a failed build or a library that does not load also leaves the torch kernels in
+charge; the reason is logged at debug level, once per process.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+from gguf import quants as gq
+
+T = GGMLQuantizationType
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("_dequant.c")
+ABI = 3
+TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL, T.MXFP4, T.NVFP4,
+         T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS, T.TQ1_0, T.TQ2_0,
+         T.IQ3_XXS, T.IQ3_S, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M)
+_BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC"]
+_FLAG_SETS = (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], [])  # first that builds
+
+
+def _grid(cls) -> np.ndarray:
+    cls.init_grid()
+    return np.ascontiguousarray(cls.grid.reshape(cls.grid_shape), dtype=np.float32)
+
+
+def _iq1_rows() -> np.ndarray:
+    """IQ1 grid rows plus delta, then minus delta (gguf-py's float32 sums)."""
+    g = _grid(gq.IQ1_S)
+    return np.ascontiguousarray(np.concatenate([g + gq.IQ1_S.delta, g - gq.IQ1_S.delta]), dtype=np.float32)
+
+
+@lru_cache(maxsize=None)
+def _tables() -> tuple[np.ndarray, ...]:
+    """gguf-py's own grids and sign patterns, handed to the library, which keeps the pointers (the
+    arrays live as long as the process: this cache holds them)."""
+    return (_grid(gq.IQ3_XXS), _grid(gq.IQ3_S), _grid(gq.IQ2_XXS), _grid(gq.IQ2_XS), _grid(gq.IQ2_S),
+            _iq1_rows(), np.frombuffer(gq.IQ2_XXS.ksigns, dtype=np.uint8).copy())
+
+
+def enabled() -> bool:
+    return os.environ.get("GGUF_RUNTIME_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GGUF_RUNTIME_CACHE", Path.home() / ".cache" / "gguf-runtime")) / "native"
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    if cc and shutil.which(cc):
+        return shutil.which(cc)
+    return shutil.which("cc") or shutil.which("gcc")
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info = fh.read(1 << 16)
+        return "|".join(sorted({ln.split(":", 1)[1].strip() for ln in info.splitlines()
+                                if ln.startswith(("model name", "flags", "Features", "CPU part"))}))
+    except OSError:
+        return platform.processor()
+
+
+def _key(cc: str, flags: list[str]) -> str:
+    real = os.path.realpath(cc)
+    st = os.stat(real)  # the compiler's identity without running it (start-up cost)
+    parts = [SOURCE.read_text(), real, f"{st.st_size}:{st.st_mtime_ns}", " ".join(flags), _cpu(), platform.machine()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def _build(cc: str, flags: list[str], so: Path) -> bool:
+    from ..atomic import AtomicFile, atomic_write
+
+    so.parent.mkdir(parents=True, exist_ok=True)
+    f = AtomicFile(so)
+    try:
+        r = subprocess.run([cc, *_BASE_FLAGS, *flags, "-o", str(f.tmp), str(SOURCE)],
+                           capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as e:
+        f.abort()
+        log.debug("native dequant: %s %s failed: %s", cc, " ".join(flags), e)
+        return False
+    if r.returncode != 0:
+        f.abort()
+        log.debug("native dequant: %s %s failed: %s", cc, " ".join(flags), r.stderr.strip()[-500:])
+        try:  # remembered, so later processes do not try this build again
+            atomic_write(so.with_suffix(".failed"), [r.stderr.encode()[-4000:]])
+        except OSError:
+            pass
+        return False
+    f.commit()
+    return True
+
+
+@lru_cache(maxsize=None)
+def library() -> ctypes.CDLL | None:
+    """The loaded library (built first if needed), or ``None`` (reason logged at debug level)."""
+    cc = _compiler()
+    if cc is None:
+        log.debug("native dequant: no C compiler found (set CC); using the torch kernels")
+        return None
+    for flags in _FLAG_SETS:
+        so = cache_dir() / f"dequant-{_key(cc, flags)}.so"
+        try:
+            if not so.exists() and (so.with_suffix(".failed").exists() or not _build(cc, flags, so)):
+                continue
+            lib = ctypes.CDLL(str(so))
+            if lib.dq_abi() != ABI:
+                raise OSError(f"ABI {lib.dq_abi()}, expected {ABI}")
+        except OSError as e:
+            log.debug("native dequant: cannot use %s: %s", so, e)
+            continue
+        lib.dq_set_tables.argtypes = [ctypes.c_void_p] * len(_tables())
+        lib.dq_set_tables(*(t.ctypes.data for t in _tables()))
+        for t in TYPES:
+            fn = getattr(lib, "dq_" + t.name.lower())
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+            fn.restype = None
+        log.debug("native dequant: %s (%s)", so, " ".join(flags) or "no extra flags")
+        return lib
+    return None
+
+
+def kernel(qtype: GGMLQuantizationType) -> Callable[[torch.Tensor, torch.Tensor], None] | None:
+    """The native loop for ``qtype`` as ``fn(blocks, out)``, or ``None`` (see the module docstring)."""
+    if qtype not in TYPES or not enabled():
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    fn = getattr(lib, "dq_" + qtype.name.lower())
+
+    def run(b: torch.Tensor, out: torch.Tensor) -> None:
+        assert b.is_contiguous() and out.is_contiguous() and out.dtype == torch.float32
+        fn(b.data_ptr(), out.data_ptr(), b.shape[0], torch.get_num_threads())
+
+    return run
