@@ -39,6 +39,7 @@ LINEAR_RULES = [("onednn-packed", 1, 1), ("onednn-packed", 2, 1), ("onednn-packe
                 ("onednn", 1, 1), ("onednn", 2, 1), ("onednn", 4, 4), ("blas", 1, 1), ("blas", 4, 4), ("blas", 8, 8),
                 ("blas", 16, 1), ("blas", 16, 16), ("blas", 32, 32)]
 MATMUL_RULES = [(4, 4), (8, 8), (16, 1), (16, 16), (32, 32)]
+CALIBRATION_VERSION = "2"  # bumped when the tests change, so cached rules are made again
 
 _RULES: dict[tuple[int, bool], Rule] = {}
 _REPORTS: dict[tuple[int, bool], dict] = {}
@@ -71,7 +72,8 @@ def machine_key(threads: int, prepack: bool) -> str:
                                if ln.startswith(("model name", "flags"))}))
     except OSError:
         pass
-    parts = [cpu, platform.machine(), torch.__version__, torch.__config__.show(), str(threads), str(prepack)]
+    parts = [cpu, platform.machine(), torch.__version__, torch.__config__.show(), str(threads), str(prepack),
+             CALIBRATION_VERSION]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
@@ -125,36 +127,53 @@ def _rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * w.float()).to(x.dtype)
 
 
+_COUNTS = (1, 2, 3, 5, 7, 9, 13, 17)
+
+
+def _linear_mats(g: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(torch.randn(160, k, generator=g), torch.randn(n, k, generator=g))
+            for k, n in [(256, 384), (64, 64), (576, 96), (1536, 64)]]
+
+
+def _linear_ok(backend: str, min_rows: int, multiple: int, mats) -> bool:
+    """Whether linears on ``backend`` with rows padded by this rule give each row the same bits
+    whatever rows share the product (float32 and bfloat16)."""
+    def padded(x, w):
+        return mm(pad_dim(x, padded_rows(x.shape[0], min_rows, multiple), 0), w, None, backend)[:x.shape[0]]
+    try:
+        return all(_rows_invariant(lambda x, w=w.to(dt): padded(x, w), x.to(dt), _COUNTS, (0, 3))
+                   for x, w in mats for dt in (torch.float32, torch.bfloat16))
+    except RuntimeError:  # backend not built into this torch
+        return False
+
+
+def linear_rule_ok(backend: str, min_rows: int, multiple: int) -> bool:
+    """The self-test :func:`calibrate` runs for one linear rule (for tests of the fallback paths)."""
+    return _linear_ok(backend, min_rows, multiple, _linear_mats(torch.Generator().manual_seed(1234)))
+
+
 def calibrate(prepack: bool = True) -> Rule:
     """Run the tests with the current thread count and return the rule (see the module docstring)."""
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(1234)
-    mats = [(torch.randn(160, k, generator=g), torch.randn(n, k, generator=g))
-            for k, n in [(256, 384), (64, 64), (576, 96), (1536, 64)]]
-    counts, offsets = (1, 2, 3, 5, 7, 9, 13, 17), (0, 3)
-    chosen = None
-    for backend, min_rows, multiple in LINEAR_RULES:
-        if backend == "onednn-packed" and not prepack:
-            continue
-
-        def padded(x, w, backend=backend, min_rows=min_rows, multiple=multiple):
-            return mm(pad_dim(x, padded_rows(x.shape[0], min_rows, multiple), 0), w, None, backend)[:x.shape[0]]
-        try:
-            ok = all(_rows_invariant(lambda x, w=w.to(dt): padded(x, w), x.to(dt), counts, offsets)
-                     for x, w in mats for dt in (torch.float32, torch.bfloat16))
-        except RuntimeError:  # backend not built into this torch
-            ok = False
-        if ok:
-            chosen = (backend, min_rows, multiple)
-            break
+    mats = _linear_mats(g)
+    counts, offsets = _COUNTS, (0, 3)
+    chosen = next(((b, lo, mult) for b, lo, mult in LINEAR_RULES
+                   if (prepack or b != "onednn-packed") and _linear_ok(b, lo, mult, mats)), None)
     qs = torch.randn(2, 3, 2, 160, 64, generator=g)
     kb = torch.randn(2, 3, 2, 64, 64, generator=g)
+    # attention's two products for head sizes 32, 64 and 128 (scores: rows x d @ d x 64 keys; values:
+    # rows x 64 keys @ 64 x d): the kernel a BLAS picks for few rows depends on these shapes
+    prods = [(qs, kb), (qs, kb.transpose(-1, -2))]
+    for d in (32, 128):  # keys as the cache holds them, (keys, d), transposed into the product
+        prods += [(torch.randn(2, 3, 2, 160, d, generator=g), torch.randn(2, 3, 2, KV_BLOCK, d, generator=g).transpose(-1, -2)),
+                  (torch.randn(2, 3, 2, 160, KV_BLOCK, generator=g), torch.randn(2, 3, 2, KV_BLOCK, d, generator=g))]
     mm_chosen = None
     for min_rows, multiple in MATMUL_RULES:
         def bmm(q, k, min_rows=min_rows, multiple=multiple):
             return torch.matmul(pad_dim(q, padded_rows(q.shape[-2], min_rows, multiple), -2), k)[..., :q.shape[-2], :]
         if all(_rows_invariant(lambda x, k=k.to(dt): bmm(x, k), x.to(dt), counts, offsets, dim=-2)
-               for x, k in [(qs, kb), (qs, kb.transpose(-1, -2))] for dt in (torch.float32, torch.bfloat16)):
+               for x, k in prods for dt in (torch.float32, torch.bfloat16)):
             mm_chosen = (min_rows, multiple)
             break
     # attention scores in one product per query tile: a key's score must not depend on how many
