@@ -55,31 +55,35 @@ class Context:
         ubatches = self.memory.split(balloc, self.n_ubatch)
         self.memory.prepare(ubatches)
         n_out = balloc.n_outputs
-        out_rows: list[torch.Tensor] = []
-        out_idx: list[torch.Tensor] = []
-        hidden_rows: list[torch.Tensor] = []
+        self._out_idx, self._logits, self._hidden = torch.empty(0, dtype=torch.long), None, None
+        if n_out == 0:
+            with torch.inference_mode(), _numerics.use(self.numerics):
+                for ub in ubatches:
+                    self.memory.update()
+                    self.model(ub, self.memory.apply(ub))
+            return
+        # Each ubatch's outputs go straight to their rows in batch order: one (n_outputs, n_vocab)
+        # buffer, no list of pieces to concatenate and reorder (a 262k vocabulary makes those copies GBs).
+        sels = [ub.output.nonzero().flatten() for ub in ubatches]
+        self._out_idx = torch.sort(torch.cat([ub.idx[sel] for ub, sel in zip(ubatches, sels)])).values
+        out = None
         with torch.inference_mode(), _numerics.use(self.numerics):
-            for ub in ubatches:
+            for ub, sel in zip(ubatches, sels):
                 self.memory.update()
                 view = self.memory.apply(ub)
                 h = self.model(ub, view)
-                sel = ub.output.nonzero().flatten()
-                if sel.numel():
-                    hs = h[sel.to(h.device)]
-                    out_idx.append(ub.idx[sel])
-                    if self.embeddings:
-                        hidden_rows.append(hs.float())
-                    else:
-                        out_rows.append(self.model.logits(hs))
-        if n_out == 0:
-            self._out_idx, self._logits, self._hidden = torch.empty(0, dtype=torch.long), None, None
-            return
-        idx = torch.cat(out_idx)
-        order = torch.argsort(idx)
-        self._out_idx = idx[order]
-        o = order.to(self.model.device)
-        self._logits = torch.cat(out_rows)[o] if out_rows else None
-        self._hidden = torch.cat(hidden_rows)[o] if hidden_rows else None
+                if not sel.numel():
+                    continue
+                hs = h[sel.to(h.device)]
+                rows = hs.float() if self.embeddings else self.model.logits(hs)
+                if out is None:
+                    out = rows.new_empty(n_out, rows.shape[-1])
+                out[torch.searchsorted(self._out_idx, ub.idx[sel]).to(out.device)] = rows
+                del rows
+        if self.embeddings:
+            self._hidden = out
+        else:
+            self._logits = out
 
     def encode(self, batch: Batch) -> None:
         """llama.cpp's ``llama_encode`` for an encoder-decoder model (T5): run the encoder over the

@@ -194,19 +194,28 @@ def test_tiny_perplexity_matches_llama_cpp(models, gguf_dir, wikitext, fam):
 # (from_pretrained(gguf_file=...), dequantized to float32, eager attention) -> 7.076674748739094
 GEMMA3_270M_TRANSFORMERS_CHUNK1 = 7.076674748739094
 # llama-perplexity (the tree vendored in llama-cpp-python 0.3.36, built here on CPU, 2 threads) over
-# the whole file: -c 512 --chunks 20 -b 512 -fa off -ctk f32 -ctv f32
-# -> "[1]7.0231, ... Final estimate: PPL = 16.6672 +/- 0.73022"
+# the whole file, -c 512 --chunks 20:
+# - on the Q4_K_M file, -b 512 -fa off -ctk f32 -ctv f32 -> "Final estimate: PPL = 16.6672 +/- 0.73022"
+#   (its defaults, flash attention and f16 K/V: 16.6255 +/- 0.72793);
+# - on the same weights written as F32 (every tensor dequantized by gguf-py's `quants.dequantize`
+#   into an F32 GGUF, metadata unchanged), -b 512 -fa off -ctk f32 -ctv f32
+#   -> "[1]7.0769, ... Final estimate: PPL = 16.5622 +/- 0.72421".
+# The two files hold the same weight values; the 0.63% between them is llama.cpp's arithmetic on
+# quantized weights (Q8_0/Q8_K-rounded activations), which this model's outlier activations amplify.
 GEMMA3_270M_LLAMA_CPP_C512 = 16.6672
+GEMMA3_270M_LLAMA_CPP_F32_WEIGHTS_C512 = 16.5622
 
 
-def _gemma3_270m_ppl(path, wikitext, n_chunks):
+def _gemma3_270m_ppl(path, wikitext, n_chunks, numerics=None):
+    from gguf_runtime import numerics as nxm
     from gguf_runtime.gguf.reader import GGUFFile
     from gguf_runtime.tokenizer import Tokenizer
     from gguf_runtime.tools.perplexity import perplexity
 
     tok = Tokenizer.from_gguf(GGUFFile(path))
     ids = torch.tensor(tok.encode(wikitext.read_text(encoding="utf-8"), add_special=True))
-    return perplexity(load_model(path), ids, n_ctx=512, n_batch=512, n_chunks=n_chunks, bos=tok.bos_id)
+    with nxm.use(numerics or nxm.current()):
+        return perplexity(load_model(path), ids, n_ctx=512, n_batch=512, n_chunks=n_chunks, bos=tok.bos_id)
 
 
 @pytest.mark.slow
@@ -220,9 +229,13 @@ def test_gemma3_270m_matches_transformers_on_the_gguf(gemma3, wikitext):
 
 @pytest.mark.slow
 @pytest.mark.registry
-@pytest.mark.xfail(strict=True, reason="measured 16.5623 vs llama.cpp 16.6672 (-0.63%); transformers on the "
-                   "same GGUF agrees with us, --ggml-numerics does not close the gap (docs/gemma.md)")
 def test_gemma3_270m_perplexity_matches_llama_cpp(gemma3, wikitext):
-    """Issue 14's target: 20 chunks of 512 within 0.3% of llama.cpp."""
+    """Issue 14's target, 20 chunks of 512: the default (float32) arithmetic equals llama.cpp on the
+    same weight values in float32 within 0.01%, and ggml numerics (Q8-rounded activations, f32 K/V)
+    are within 0.3% of llama.cpp on the Q4_K_M file itself."""
+    from gguf_runtime.numerics import Numerics
+
     r = _gemma3_270m_ppl(gemma3, wikitext, 20)
-    assert abs(r.ppl / GEMMA3_270M_LLAMA_CPP_C512 - 1) < 3e-3, r.ppl
+    assert abs(r.ppl / GEMMA3_270M_LLAMA_CPP_F32_WEIGHTS_C512 - 1) < 1e-4, r.ppl
+    g = _gemma3_270m_ppl(gemma3, wikitext, 20, Numerics(ggml=True, cache_k=torch.float32, cache_v=torch.float32))
+    assert abs(g.ppl / GEMMA3_270M_LLAMA_CPP_C512 - 1) < 3e-3, g.ppl

@@ -105,16 +105,24 @@ def chunk_logits(ctx: Context, tokens: torch.Tensor, n_ctx: int, n_batch: int, n
         if bos is not None:
             chunk[:, 0] = bos
         ctx.memory.clear()
-        rows: list[torch.Tensor] = []
+        logits, done = None, 0  # the scored rows; several parts (n_ctx > n_batch) are copied into one tensor
         for j in range(n_parts):
             p0, p1 = j * n_batch, min(n_ctx, (j + 1) * n_batch)
             pos = torch.arange(p0, p1).repeat(ns)
             seq_ids = [(s,) for s in range(ns) for _ in range(p1 - p0)]
             out = pos >= first
             ctx.decode(Batch(chunk[:, p0:p1].reshape(-1), pos, seq_ids, out))
-            if out.any():
-                rows.append(ctx.get_logits())
-        logits = torch.cat(rows) if len(rows) > 1 else rows[0]
+            if not out.any():
+                continue
+            part = ctx.get_logits()
+            if n_parts == 1:
+                logits = part
+                break
+            if logits is None:  # n_ctx > n_batch: one sequence (a large -c would otherwise hold two copies)
+                logits = part.new_empty(n_ctx - first, part.shape[-1])
+            logits[done:done + part.shape[0]] = part
+            done += part.shape[0]
+            del part
         logits = logits.view(ns, n_ctx - first, -1)
         for s, c in enumerate(group):
             start = c * n_ctx
@@ -124,10 +132,17 @@ def chunk_logits(ctx: Context, tokens: torch.Tensor, n_ctx: int, n_batch: int, n
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """-log p(target) per row in float64, computed as llama.cpp does: float32 differences to the
     row max, exponentials summed in double."""
-    logits = logits.float()
-    d = logits - logits.amax(-1, keepdim=True)
-    lse = torch.exp(d).double().sum(-1).log()
-    return lse - d.gather(-1, targets.to(d.device).view(-1, 1)).squeeze(-1).double()
+    targets = targets.to(logits.device).view(-1, 1)
+    out = []
+    for r in range(0, logits.shape[0], _NLL_ROWS):  # rows at a time: a 262k vocabulary's temporaries stay small
+        x = logits[r:r + _NLL_ROWS].float()
+        d = x - x.amax(-1, keepdim=True)
+        lse = torch.exp(d).double().sum(-1).log()
+        out.append(lse - d.gather(-1, targets[r:r + _NLL_ROWS]).squeeze(-1).double())
+    return torch.cat(out) if len(out) != 1 else out[0]
+
+
+_NLL_ROWS = 64
 
 
 def running_perplexity(ctx_or_model, tokens: Sequence[int] | torch.Tensor, n_ctx: int, n_batch: int = 2048,
