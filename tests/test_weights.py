@@ -13,6 +13,7 @@ from gguf_runtime.context import Context
 from gguf_runtime.errors import UnsupportedError
 from gguf_runtime.models import base, load_model
 from gguf_runtime.models.layers import Embedding, Linear
+from gguf_runtime import numerics
 from gguf_runtime.numerics import Numerics
 from helpers import toks
 
@@ -39,6 +40,39 @@ def test_lazy_equals_resident(gguf_dir, name):
     assert set(k[0] for k in lazy.scratch.buffers) <= per_shape
 
 
+@pytest.mark.parametrize("name", ["llama-tiny-Q4_K_M.gguf", "llama-tiny-Q4_0.gguf"])
+def test_lazy_row_blocks(gguf_dir, monkeypatch, name):
+    """A lazy head of more than 2 * ROW_BLOCK rows is dequantized and applied in row blocks (here
+    llama-tiny's 2,048-row output in blocks of 256): the scratch holds one block, not the matrix,
+    and the logits are still those of the resident path."""
+    from gguf_runtime.models import layers
+
+    t = toks(90, 5)
+    ref = _logits(load_model(gguf_dir / name, weights="resident"), t)
+    monkeypatch.setattr(layers, "ROW_BLOCK", 256)
+    lazy = load_model(gguf_dir / name, weights="lazy")
+    assert torch.equal(_logits(lazy, t), ref)
+    shapes = {k[0] for k in lazy.scratch.buffers}
+    assert (256, 256) in shapes and (2048, 256) not in shapes, shapes
+    # ggml numerics (the Q8_1 min term reads the whole weight) keep the whole head
+    nx = Numerics(ggml=True)
+    with numerics.use(nx):
+        assert not layers.row_blocks_exact((2048, 256), torch.float32, torch.device("cpu"))
+    assert layers.row_blocks_exact((2048, 256), torch.float32, torch.device("cpu"))
+    assert torch.equal(_logits(lazy, t, numerics=nx), _logits(load_model(gguf_dir / name), t, numerics=nx))
+
+
+@pytest.mark.registry
+def test_lazy_row_blocks_smollm2(smollm2):
+    """SmolLM2's tied 49,152-row head goes through the row blocks at the real ROW_BLOCK: same logits."""
+    from gguf_runtime.models import layers
+
+    t = toks(60, 6)
+    lazy = load_model(smollm2, weights="lazy")
+    assert torch.equal(_logits(lazy, t), _logits(load_model(smollm2, weights="resident"), t))
+    assert (layers.ROW_BLOCK, 576) in {k[0] for k in lazy.scratch.buffers}
+
+
 def test_lazy_with_ggml_numerics(gguf_dir):
     """ggml numerics read the file type from the same place in both modes (Q8_1 min term included)."""
     t = toks(70, 4)
@@ -53,6 +87,10 @@ def test_weights_mode_choice(gguf_dir, monkeypatch):
     assert m.weights == "resident"  # 2 MB of float weights fit
     monkeypatch.setattr(base, "available_memory", lambda device: 1 << 20)
     assert load_model(gguf_dir / "llama-tiny-Q4_K_M.gguf", weights="auto").weights == "lazy"
+    # llama-tiny's 2,229,504 values need 8.9 MB as float32: resident is refused in 1 MiB, before loading
+    with pytest.raises(UnsupportedError, match=r"^llama-tiny-Q4_K_M\.gguf: resident weights need 8\.9 MB as float32, "
+                                               r"1\.0 MB available on cpu: use --weights lazy or auto$"):
+        load_model(gguf_dir / "llama-tiny-Q4_K_M.gguf", weights="resident")
     with pytest.raises(UnsupportedError, match="unknown weights mode 'mmap'"):
         load_model(gguf_dir / "llama-tiny-Q4_K_M.gguf", weights="mmap")
 

@@ -35,7 +35,7 @@ from ..gguf.reader import GGUFFile
 from ..kernels.ggml import FileWeight
 from ..memory.base import Memory
 from ..numerics import Numerics
-from .layers import Embedding, LayerNorm, Linear, QuantWeight, Scratch
+from .layers import Embedding, LayerNorm, Linear, QuantWeight, Scratch, row_blocks_exact
 
 WEIGHT_MODES = ("resident", "lazy", "auto")
 
@@ -84,6 +84,9 @@ class Model(nn.Module, ABC):
         model.device, model.dtype = resolve_device(device), dtype
         model.weights = choose_weights(weights, f, model.device, dtype)
         load_weights(model, f, lazy=model.weights == "lazy")
+        for m in model.modules():  # decide row blocks while little memory is in use (see layers.ROW_BLOCK)
+            if isinstance(m, Linear) and m.lazy is not None:
+                row_blocks_exact(m.lazy.shape, m.lazy.dtype, m.lazy.raw.device)
         model.loaded(f)
         return model.eval()
 
@@ -115,13 +118,24 @@ def _kind(name: str) -> str:
 
 def choose_weights(mode: str, f: GGUFFile, device: torch.device, dtype: torch.dtype) -> str:
     """``resident`` or ``lazy`` for ``mode``; ``auto`` is lazy when the file's tensors, dequantized
-    to ``dtype``, would take more than 80% of the memory available on ``device``."""
+    to ``dtype``, would take more than 80% of the memory available on ``device``. ``resident`` is
+    refused (one line, before anything is allocated) when they would take more than all of it."""
     if mode not in WEIGHT_MODES:
         raise UnsupportedError(f"unknown weights mode '{mode}' (choose from {', '.join(WEIGHT_MODES)})")
-    if mode != "auto":
+    if mode == "lazy":
         return mode
     need = sum(_numel(i.shape) for i in f.tensor_infos.values()) * torch.empty((), dtype=dtype).element_size()
-    return "lazy" if need > 0.8 * available_memory(device) else "resident"
+    free = available_memory(device)
+    if mode == "resident" and need > free:
+        raise UnsupportedError(f"{f.path.name}: resident weights need {_size(need)} as {str(dtype).split('.')[-1]}, "
+                               f"{_size(free)} available on {device}: use --weights lazy or auto")
+    if mode == "resident":
+        return mode
+    return "lazy" if need > 0.8 * free else "resident"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def available_memory(device: torch.device) -> int:

@@ -11,15 +11,22 @@ file's bytes (:class:`QuantWeight`, memory-mapped on CPU, copied once to an acce
 dequantize it right before use into a scratch buffer shared by every weight of that shape (one
 layer's worth of float memory); an embedding dequantizes only the rows it looks up. The dequant
 and the product are the ones the resident path runs, so results are ``torch.equal`` to it.
+A matrix of more than ``2 * ROW_BLOCK`` rows (a vocabulary head: 768 MiB of float32 on a 7B model,
+twice that with its blocked copy) is dequantized and applied ``ROW_BLOCK`` output rows at a time,
+where :func:`row_blocks_exact` has found that the product computes each output column the same way
+alone (checked once per shape, backend and thread count on random data, at load).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .. import kernels
+from .. import kernels, numerics
 from ..gguf.dequant import dequantize
 from ..kernels.ggml import FileWeight
+
+ROW_BLOCK = 8192
+_EXACT: dict[tuple, bool] = {}
 
 
 def param(*shape: int) -> nn.Parameter:
@@ -56,6 +63,12 @@ class QuantWeight:
         out = self.scratch.get(self.shape, self.dtype, self.raw.device)
         return dequantize(self.raw, self.qtype, self.shape, out=out)
 
+    def block(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0:r1`` in the shared scratch buffer of that block's shape (valid until the next use)."""
+        shape = (r1 - r0, *self.shape[1:])
+        out = self.scratch.get(shape, self.dtype, self.raw.device)
+        return dequantize(self.raw[r0:r1], self.qtype, shape, out=out)
+
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows ``idx`` only (a new tensor)."""
         raw = self.raw.index_select(0, idx.to(self.raw.device))
@@ -83,7 +96,39 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lazy is None:
             return kernels.linear(x, self.weight, self.bias, self.source)
-        return kernels.linear(x, self.lazy.full(), self.bias, self.source, fresh=True)
+        w = self.lazy
+        if not row_blocks_exact(w.shape, w.dtype, w.raw.device):
+            return kernels.linear(x, w.full(), self.bias, self.source, fresh=True)
+        b = self.bias
+        return torch.cat([kernels.linear(x, w.block(r, min(r + ROW_BLOCK, w.shape[0])),
+                                         None if b is None else b[r:r + ROW_BLOCK], self.source, fresh=True)
+                          for r in range(0, w.shape[0], ROW_BLOCK)], -1)
+
+
+def row_blocks_exact(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a lazy (out, in) matrix is applied ``ROW_BLOCK`` output rows at a time: it has more
+    than ``2 * ROW_BLOCK`` rows, ggml numerics are off (their Q4_1 / Q5_1 min term reads the whole
+    weight), and on random data of this shape the blocks' products, side by side, are
+    ``torch.equal`` to the whole product for 1, 2, 3 and 64 input rows under the numerics in force.
+    Tested once per shape, dtype, device, linear rule and thread count (the kernel a backend picks
+    depends on shapes, not values); the loader asks first, while little memory is in use."""
+    nx = numerics.current()
+    if shape[0] <= 2 * ROW_BLOCK or nx.ggml:
+        return False
+    key = (tuple(shape), dtype, device, ROW_BLOCK, nx.invariant, nx.linear_rule(), torch.get_num_threads())
+    ok = _EXACT.get(key)
+    if ok is None:
+        g = torch.Generator().manual_seed(shape[0])
+        w = torch.randn(tuple(shape), generator=g).to(device=device, dtype=dtype)
+        ok = True
+        for n in (1, 2, 3, 64):
+            x = torch.randn(n, shape[1], generator=g).to(device=device, dtype=dtype)
+            whole = kernels.linear(x, w, fresh=True)
+            parts = torch.cat([kernels.linear(x, w[r:r + ROW_BLOCK].clone(), fresh=True)
+                               for r in range(0, shape[0], ROW_BLOCK)], -1)
+            ok = ok and torch.equal(whole, parts)
+        _EXACT[key] = ok
+    return ok
 
 
 class RMSNorm(nn.Module):
