@@ -141,6 +141,9 @@ def _no_cuda_device_arg() -> str:
     (["generate", "-p", "x", "--top-k", "-1"], "--top-k must be >= 0"),
     (["generate", "-p", "x", "--device", "gpu"], "invalid --device 'gpu'"),
     (["generate", "-p", "x", "--device", "CUDA_NONE"], "CUDA"),
+    (["generate", "-p", "x", "--parallel", "0"], "--parallel must be >= 1"),
+    (["generate", "-p", "x", "--parallel", "4", "-n", "8", "-c", "20"], "--parallel 4 x -n 8 exceeds the context size -c 20"),
+    (["generate", "-p", "x", "--parallel", "2", "--prompt-cache", "p.state"], "--prompt-cache works with --parallel 1 only"),
     (["embed", "-p", "x", "-t", "-3"], "-t must not be negative"),
     (["embed", "-p", "x", "--device", "gpu"], "invalid --device 'gpu'"),
     (["drift", "--device", "gpu"], "invalid --device 'gpu'"),
@@ -327,6 +330,32 @@ def test_generate_says_when_it_stops_at_eos(tiny, monkeypatch, capsys):
     assert rc == 0, err
     assert out.endswith(" [end of text]\n")
     assert "end-of-generation token 2 after 2 of -n 10 tokens" in err
+
+
+def test_generate_parallel_prints_each_sequence_as_a_lone_run_with_seed_plus_i(tiny, capsys):
+    """--parallel 3 -s 5: sequence i is printed '[i] ' + what a --parallel 1 run with -s 5+i prints."""
+    args = ["generate", "-m", tiny, "-p", "Once upon a time", "-n", "6"]
+    rc, out, err = run(capsys, *args, "--parallel", "3", "-s", "5")
+    assert rc == 0, err
+    assert "sampler seeds: 5..7" in err
+    alone = []
+    for i in range(3):
+        rc1, out1, err1 = run(capsys, *args, "-s", str(5 + i))
+        assert rc1 == 0, err1
+        alone.append(f"[{i}] {out1}")
+    assert len(set(alone)) == 3 and out == "".join(alone)
+
+
+def test_generate_parallel_greedy_and_its_timing_lines(tiny, capsys):
+    args = ["generate", "-m", tiny, "-p", "Once upon a time", "-n", "6", "--temp", "0"]
+    rc, out, err = run(capsys, *args)
+    assert rc == 0, err
+    rc, outp, err = run(capsys, *args, "--parallel", "3")
+    assert rc == 0, err
+    assert "[end of text]" not in out and outp == "".join(f"[{i}] {out}" for i in range(3))
+    # 3 sequences x 6 tokens; the first token of each comes from the prompt's logits, so 5 batched steps of 3
+    assert re.search(r"^       eval time = +[\d.]+ ms / +15 tokens \(", err, re.M), err
+    assert "parallel: 3 sequences, 5 batched steps, 18 tokens generated" in err
 
 
 # --- drift ---------------------------------------------------------------------------------------

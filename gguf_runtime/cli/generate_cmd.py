@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -19,7 +20,11 @@ def command(
     prompt: str = typer.Option("", "-p", "--prompt", help="prompt text"),
     n_predict: int = typer.Option(64, "-n", "--n-predict", help="number of tokens to predict"),
     ctx_size: Optional[int] = typer.Option(None, "-c", "--ctx-size",
-                                           help="context size (default: prompt + n_predict; 0 = the model's training context)"),
+                                           help="context size: KV cells shared by all sequences, as llama.cpp's total -c "
+                                                "(default: N x (prompt + n_predict); 0 = the model's training context)"),
+    n_parallel: int = typer.Option(1, "-np", "--parallel",
+                                   help="N sequences from the prompt, decoded together one batch per step "
+                                        "(sequence i samples with seed + i; printed '[i] ' after generation when N > 1)"),
     batch_size: int = typer.Option(2048, "-b", "--batch-size", help="logical batch: the prompt is decoded in pieces of this many tokens"),
     ubatch_size: int = typer.Option(512, "-ub", "--ubatch-size", help="physical micro-batch (tokens per forward pass)"),
     swa_full: bool = typer.Option(False, "--swa-full", help="sliding-window layers keep every position (full-size SWA cache)"),
@@ -42,6 +47,10 @@ def command(
 
     if n_predict < 0:
         raise GGUFRuntimeError(f"-n must be >= 0, got {n_predict}")
+    if n_parallel < 1:
+        raise GGUFRuntimeError(f"--parallel must be >= 1, got {n_parallel}")
+    if n_parallel > 1 and prompt_cache is not None:
+        raise GGUFRuntimeError("--prompt-cache works with --parallel 1 only")
     if ctx_size is not None and ctx_size < 0:
         raise GGUFRuntimeError(f"-c must be >= 0 (0: the model's training context), got {ctx_size}")
     for name, v in (("-b", batch_size), ("-ub", ubatch_size)):
@@ -62,19 +71,25 @@ def command(
     if not ids:
         raise GGUFRuntimeError("the prompt tokenized to nothing and the model adds no BOS: give -p")
     if ctx_size is None:
-        n_ctx = len(ids) + n_predict
+        n_ctx = n_parallel * (len(ids) + n_predict)
     else:
         n_ctx = ctx_size or m.args.n_ctx_train  # llama.cpp: -c 0 is the model's training context
-    if len(ids) + n_predict > n_ctx:
-        raise GGUFRuntimeError(f"prompt ({len(ids)} tokens) + -n {n_predict} exceeds the context size -c {n_ctx}")
-    ctx = Context(m, n_ctx=n_ctx, n_batch=batch_size, n_ubatch=ubatch_size, swa_full=swa_full)
+    if len(ids) + n_parallel * n_predict > n_ctx:  # the prompt's cells are shared by every sequence
+        what = f"-n {n_predict}" if n_parallel == 1 else f"--parallel {n_parallel} x -n {n_predict}"
+        raise GGUFRuntimeError(f"prompt ({len(ids)} tokens) + {what} exceeds the context size -c {n_ctx}")
+    ctx = Context(m, n_ctx=n_ctx, n_batch=batch_size, n_ubatch=ubatch_size, n_seq_max=n_parallel, swa_full=swa_full)
     if nx.invariant:
         nx.linear_rule()  # the one-off calibration (kernels.calibrate), before the clock starts
     if seed < 0:
         seed = int(time.time_ns() % (2**31))
-    if temp > 0:  # as llama-cli, before generating; greedy decoding draws nothing
+    if temp > 0 and n_parallel > 1:
+        print(f"sampler seeds: {seed}..{seed + n_parallel - 1} (sequence i: seed + i)", file=sys.stderr, flush=True)
+    elif temp > 0:  # as llama-cli, before generating; greedy decoding draws nothing
         print(f"sampler seed: {seed}", file=sys.stderr, flush=True)
-    sampler = Sampler(SamplerParams(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed))
+    params = SamplerParams(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+    if n_parallel > 1:
+        return _parallel(ctx, tok, prompt, ids, n_predict, [Sampler(replace(params, seed=seed + i)) for i in range(n_parallel)])
+    sampler = Sampler(params)
     sys.stdout.write(prompt)
     sys.stdout.flush()
     t0 = time.perf_counter()
@@ -119,3 +134,44 @@ def command(
     n_gen = max(0, len(out) - 1)
     print(f"       eval time = {ge * 1e3:10.2f} ms / {n_gen:5d} runs   ({ge * 1e3 / max(1, n_gen):8.2f} ms per token, "
           f"{n_gen / ge if ge else 0:8.2f} tokens per second)", file=sys.stderr)
+
+
+def _parallel(ctx, tok, prompt: str, ids: list[int], n_predict: int, samplers) -> None:
+    """``--parallel N``: decode the N sequences together, then print each one as ``[i] text``."""
+    from gguf_runtime.tools import generate as gen
+
+    n = len(samplers)
+    outs: list[list[int]] = [[] for _ in range(n)]
+    eog: dict[int, int] = {}
+    t0 = time.perf_counter()
+    t_first, n_dec, n_steps = None, 0, 0
+    for step in gen.generate_parallel(ctx, ids, n_predict, samplers, is_eog=tok.is_eog):
+        if t_first is None:
+            t_first = time.perf_counter()
+        else:  # every step after the first decoded one token per sequence it lists
+            n_dec, n_steps = n_dec + len(step), n_steps + 1
+        for s, t in step:
+            if tok.is_eog(t):
+                eog[s] = t
+            else:
+                outs[s].append(t)
+    t1 = time.perf_counter()
+    base = tok.decode(ids, skip_special=True)
+    for s, out in enumerate(outs):
+        end = " [end of text]" if s in eog else ""
+        text = tok.decode(ids + out, skip_special=True)[len(base):].rstrip("\ufffd")  # as streamed: no half character
+        sys.stdout.write(f"[{s}] {prompt}{text}{end}\n")
+    sys.stdout.flush()
+    for s in sorted(eog):
+        print(f"generate: sequence {s}: end-of-generation token {eog[s]} after {len(outs[s])} of -n {n_predict} tokens",
+              file=sys.stderr)
+    pe = (t_first or t1) - t0
+    ge = t1 - (t_first or t1)
+    n_gen = sum(map(len, outs))
+    print(f"prompt eval time = {pe * 1e3:10.2f} ms / {len(ids):5d} tokens ({pe * 1e3 / max(1, len(ids)):8.2f} ms per token, "
+          f"{len(ids) / pe if pe else 0:8.2f} tokens per second)", file=sys.stderr)
+    print(f"       eval time = {ge * 1e3:10.2f} ms / {n_dec:5d} tokens ({ge * 1e3 / max(1, n_dec):8.2f} ms per token, "
+          f"{n_dec / ge if ge else 0:8.2f} tokens per second)", file=sys.stderr)
+    print(f"parallel: {n} sequences, {n_steps} batched steps, {n_gen} tokens generated; "
+          f"Total gen tokens: {n_gen:6d}, speed: {n_gen / (t1 - t0) if t1 > t0 else 0:8.2f} t/s (prompt included)",
+          file=sys.stderr)

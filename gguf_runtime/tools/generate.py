@@ -49,9 +49,8 @@ class Sampler:
         return int(ids[torch.multinomial(probs, 1, generator=self.gen)])
 
 
-def generate(ctx: Context, prompt: list[int], n_predict: int, sampler: Sampler, is_eog=None, seq_id: int = 0) -> Iterator[int]:
-    """Decode ``prompt`` into sequence ``seq_id`` (in n_batch pieces), then sample up to
-    ``n_predict`` tokens, one cached decode each. Stops early at an end-of-generation token."""
+def _prefill(ctx: Context, prompt: list[int], seq_id: int = 0) -> None:
+    """Decode ``prompt`` into sequence ``seq_id`` in n_batch pieces; only the last token's logits are kept."""
     if not prompt:
         raise ValueError("empty prompt")
     if isinstance(ctx.memory, CrossMemory):  # encoder-decoder (T5): the prompt is the encoder's input and
@@ -61,9 +60,45 @@ def generate(ctx: Context, prompt: list[int], n_predict: int, sampler: Sampler, 
         piece = prompt[s: s + ctx.n_batch]
         last = s + len(piece) == len(prompt)
         ctx.decode(Batch(piece, seq_ids=[seq_id] * len(piece), output=[False] * (len(piece) - 1) + [last]))
-    for _ in range(n_predict):
+
+
+def generate(ctx: Context, prompt: list[int], n_predict: int, sampler: Sampler, is_eog=None, seq_id: int = 0) -> Iterator[int]:
+    """Decode ``prompt`` into sequence ``seq_id`` (in n_batch pieces), then sample up to
+    ``n_predict`` tokens, one cached decode each (the last one is not decoded: nothing reads it).
+    Stops early at an end-of-generation token."""
+    _prefill(ctx, prompt, seq_id)
+    for i in range(n_predict):
         tok = sampler(ctx.logits(-1))
         yield tok
-        if is_eog is not None and is_eog(tok):
+        if (is_eog is not None and is_eog(tok)) or i + 1 == n_predict:
             return
         ctx.decode(Batch([tok], seq_ids=[seq_id]))
+
+
+def generate_parallel(ctx: Context, prompt: list[int], n_predict: int, samplers: list[Sampler],
+                      is_eog=None) -> Iterator[list[tuple[int, int]]]:
+    """``len(samplers)`` sequences from one prompt, decoded together (llama-parallel's shape).
+
+    The prompt is decoded once into sequence 0 and shared with sequences 1..N-1 (``seq_cp``: KV
+    cells are shared, a recurrent state is copied on write). Each step, every live sequence draws a
+    token with its own sampler and the drawn tokens are decoded in one batch, one token per sequence.
+    Yields each step's ``[(seq_id, token), ...]``; a sequence stops at end-of-generation or after
+    ``n_predict`` tokens. Under invariant numerics sequence ``i`` gets exactly the tokens
+    ``generate`` gives with ``samplers[i]`` alone (batch invariance; tested)."""
+    n = len(samplers)
+    if n < 1:
+        raise ValueError("generate_parallel needs at least one sampler")
+    if n > ctx.n_seq_max:
+        raise ValueError(f"{n} sequences exceed the context's n_seq_max = {ctx.n_seq_max}")
+    _prefill(ctx, prompt, 0)
+    for s in range(1, n):
+        ctx.memory.seq_cp(0, s)
+    rows = {s: -1 for s in range(n)}  # each live sequence's row in the last output (the prompt's last token)
+    for i in range(n_predict):
+        step = [(s, samplers[s](ctx.logits(r))) for s, r in rows.items()]
+        yield step
+        live = [(s, t) for s, t in step if not (is_eog is not None and is_eog(t))]
+        if not live or i + 1 == n_predict:
+            return
+        ctx.decode(Batch([t for _, t in live], seq_ids=[s for s, _ in live], output=[True] * len(live)))
+        rows = {s: j for j, (s, _) in enumerate(live)}
