@@ -71,17 +71,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         derived = _MASKS[mask] = {}
     if nb * KV != nkv:
         k, v, mask = pad_dim(k, nb * KV, 2), pad_dim(v, nb * KV, 2), pad_dim(mask, nb * KV, 2)
-    k, v = k.contiguous(), v.contiguous()  # one copy; the products then read K transposed in place
-    kT = k.transpose(-1, -2)  # (B, hkv, d, n_kv)
-    vb = v.view(B, hkv, nb, KV, dv)
+    qg = q.view(B, hkv, g, nq, d)
+    # K and V gathered head-major, (n_head_kv, B, n_kv, d) seen as (B, n_head_kv, ...) (the KV cache's
+    # gather for several groups): compute in that order, (head, group), instead of copying them to
+    # (group, head); every (group, head) product and reduction is the same, only their order in the
+    # batch changes. ``X, Y`` are the two leading (batch) dimensions in the order computed.
+    hm = B > 1 and not k.is_contiguous() and k.transpose(0, 1).is_contiguous() and v.transpose(0, 1).is_contiguous()
+    if hm:
+        k, v, qg = k.transpose(0, 1), v.transpose(0, 1), qg.transpose(0, 1)
+    else:
+        k, v = k.contiguous(), v.contiguous()  # one copy; the products then read K transposed in place
+    X, Y = k.shape[0], k.shape[1]
+    kT = k.transpose(-1, -2)  # (X, Y, d, n_kv)
+    vb = v.view(X, Y, nb, KV, dv)
     if nq > Q_TILE:  # (nq, nb): the blocks each query sees something in
         vis = derived.get("vis")
         if vis is None:
             vis = mask.view(B, nq, nb, KV).any(-1)
             vis = derived["vis"] = vis.any(0) if B > 1 else vis[0]
     cols = nx.linear_rule().mm_cols
-    qg = q.view(B, hkv, g, nq, d)
-    out = torch.empty(B, hkv, g, nq, dv, dtype=torch.float32, device=q.device) if nq > Q_TILE else None
+    out = torch.empty(X, Y, g, nq, dv, dtype=torch.float32, device=q.device) if nq > Q_TILE else None
     for t0 in range(0, nq, Q_TILE):
         t1 = min(nq, t0 + Q_TILE)
         nt = t1 - t0
@@ -101,43 +110,46 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             b0 = seen[0] if fold else 0
         nbs = nbt - b0
         if m == r:
-            qt = qg[:, :, :, t0:t1].reshape(B, hkv, r, d)
+            qt = qg[:, :, :, t0:t1].reshape(X, Y, r, d)
         else:  # one zeroed buffer and one copy (not reshape-copy, then concatenate)
-            qt = q.new_zeros(B, hkv, m, d)
-            qt[:, :, :r].view(B, hkv, g, nt, d).copy_(qg[:, :, :, t0:t1])
+            qt = q.new_zeros(X, Y, m, d)
+            qt[:, :, :r].view(X, Y, g, nt, d).copy_(qg[:, :, :, t0:t1])
         kTt = kT[..., b0 * KV:nbt * KV]
-        if cols:  # one product for all the tile's blocks: (B, hkv, m, nbs*KV)
+        if cols:  # one product for all the tile's blocks: (X, Y, m, nbs*KV)
             s = torch.matmul(qt, kTt)
         else:  # one fixed-shape product per block
             s = torch.matmul(qt.unsqueeze(2), kTt.unflatten(-1, (nbs, KV)).transpose(2, 3)
-                             ).transpose(2, 3).reshape(B, hkv, m, nbs * KV)
+                             ).transpose(2, 3).reshape(X, Y, m, nbs * KV)
         s = s.float() if s.dtype != torch.float32 else s
         s.mul_(scale)
         if softcap:
             s = _softcap(s, softcap)
-        hidden = derived.get((t0, b0, nbt, g, m))
+        hidden = derived.get((t0, b0, nbt, g, m, hm))
         if hidden is None:
             mt = mask[:, t0:t1, b0 * KV:nbt * KV]  # (B, nt, nbs*KV)
             mt = pad_dim(mt.repeat(1, g, 1) if g > 1 else mt, m, 1)  # (B, m, nbs*KV), rows as in qt
-            hidden = derived[(t0, b0, nbt, g, m)] = ~mt[:, None]
+            hidden = derived[(t0, b0, nbt, g, m, hm)] = ~mt[None] if hm else ~mt[:, None]
         s.masked_fill_(hidden, float("-inf"))
         mx = s.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)  # exact: order-free
         # exp of anything that underflows (x < -87.3, -inf included) takes a slow path on x86
         # (5-20x), so exponentiate max(x, -80) and zero every result <= exp(-80): masked keys stay
         # exact zeros, and terms < 1.9e-35 against a row sum >= 1 (the max key gives exp(0)) are flushed
-        p = F.threshold_(exp_(s.sub_(mx).clamp_(min=-80.0)), _EXP_FLOOR, 0.0).view(B, hkv, m, nbs, KV)
-        l_b = p.sum(-1)  # (B, hkv, m, nbs): fixed-length row sums
-        o_b = torch.matmul(p.transpose(2, 3).to(v.dtype), vb[:, :, b0:nbt])  # (B, hkv, nbs, m, dv)
+        p = F.threshold_(exp_(s.sub_(mx).clamp_(min=-80.0)), _EXP_FLOOR, 0.0).view(X, Y, m, nbs, KV)
+        l_b = p.sum(-1)  # (X, Y, m, nbs): fixed-length row sums
+        o_b = torch.matmul(p.transpose(2, 3).to(v.dtype), vb[:, :, b0:nbt])  # (X, Y, nbs, m, dv)
         o_b = o_b.float() if o_b.dtype != torch.float32 else o_b
         if fold:
             l_sum, o_sum = _fold_sum(l_b, -1), _fold_sum(o_b, 2)
         else:
             l_sum, o_sum = _tree_sum(l_b, -1), _tree_sum(o_b, 2)
-        o = (o_sum / l_sum.clamp_min(1e-30).unsqueeze(-1))[:, :, :r].view(B, hkv, g, nt, dv)
+        o = (o_sum / l_sum.clamp_min(1e-30).unsqueeze(-1))[:, :, :r].view(X, Y, g, nt, dv)
         if out is None:
-            return o.reshape(B, h, nq, dv).transpose(1, 2).to(out_dtype)
+            out = o
+            break
         out[:, :, :, t0:t1] = o
-    return out.view(B, h, nq, dv).transpose(1, 2).to(out_dtype)
+    if hm:
+        out = out.transpose(0, 1)
+    return out.reshape(B, h, nq, dv).transpose(1, 2).to(out_dtype)
 
 
 def _fold_sum(t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -17,7 +17,8 @@ import torch
 
 from ..batch import BatchAllocator, UBatch
 from ..errors import BatchError
-from ..kernels import attention
+from ..kernels import KV_BLOCK, attention
+from ..kernels.linear import pad_dim
 from .base import Commit, Memory, Meta, Tensors, state_kind
 
 BLOCK = 32  # sequences are padded to a multiple of this many tokens inside attention
@@ -29,6 +30,30 @@ class Bucket:
     idx: torch.Tensor  # (n_seq, L) ubatch rows of each sequence in position order (padding repeats a row)
     valid: torch.Tensor  # (n_seq, L) bool: real token, not padding
     mask: torch.Tensor  # (n_seq, L, L) bool: the keys each query sees (every real token of its sequence)
+    # the keys laid out in whole KV_BLOCK blocks, as kernels.attention computes them: (n_seq * Lk,)
+    # rows (padding repeats a row), the padding's places in that layout (zeroed after the gather)
+    # and the mask padded with False to (n_seq, L, Lk)
+    key_idx: torch.Tensor | None = None
+    key_pad: torch.Tensor | None = None
+    key_mask: torch.Tensor | None = None
+
+    def __post_init__(self):
+        S, L = self.idx.shape
+        Lk = -(-L // KV_BLOCK) * KV_BLOCK
+        pad = torch.zeros(S, Lk, dtype=torch.bool, device=self.idx.device)
+        pad[:, L:] = True
+        self.key_idx = pad_dim(self.idx, Lk, 1).flatten()
+        self.key_pad = pad.flatten().nonzero().flatten()
+        self.key_mask = pad_dim(self.mask, Lk, 2)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Keys or values of every sequence, (n_seq, heads, Lk, d), padded with zeros (as the kernel
+        would pad them), gathered head-major in one copy: (heads, n_seq, Lk, d) seen transposed."""
+        S, Lk = self.key_mask.shape[0], self.key_mask.shape[2]
+        g = t.transpose(0, 1).index_select(1, self.key_idx)  # (heads, S * Lk, d)
+        if self.key_pad.numel():
+            g.index_fill_(1, self.key_pad, 0)
+        return g.view(t.shape[1], S, Lk, t.shape[2]).transpose(0, 1)
 
 
 @dataclass
@@ -48,10 +73,11 @@ class EncoderView:
             raise BatchError("sliding-window attention needs a KV cache, not an encoder memory")
         outs = []
         for b in self.buckets:
-            qq, kk, vv = (t[b.idx].transpose(1, 2) for t in (q, k, v))  # (S, heads, L, d)
-            o = attention(qq, kk, vv, b.mask, scale, softcap)  # (S, L, heads, d_v)
+            S, L = b.idx.shape
+            qq = q.index_select(0, b.idx.flatten()).view(S, L, *q.shape[1:]).transpose(1, 2)  # (S, heads, L, d)
+            o = attention(qq, b.gather(k), b.gather(v), b.key_mask, scale, softcap)  # (S, L, heads, d_v)
             outs.append(o.reshape(-1, o.shape[-2], o.shape[-1]))
-        return torch.cat(outs)[self.inv]
+        return (torch.cat(outs) if len(outs) > 1 else outs[0]).index_select(0, self.inv)
 
 
 class EncoderMemory(Memory):
