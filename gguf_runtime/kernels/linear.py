@@ -117,7 +117,10 @@ def _few_rows_ok(n: int, w: torch.Tensor, device: torch.device, r) -> bool:
     ok = _FEW_ROWS.get(key)
     if ok is None:
         g = torch.Generator().manual_seed(n)
-        wt = torch.randn(tuple(w.shape), generator=g).to(w.dtype)
+        # random rows tiled to the weight's shape: the values only have to round differently in
+        # different kernels, and drawing a vocabulary head's worth of normals took seconds at start-up
+        tile = torch.randn(min(64, w.shape[0]), w.shape[1], generator=g).to(w.dtype)
+        wt = tile.repeat(-(-w.shape[0] // tile.shape[0]), 1)[:w.shape[0]].contiguous()
         x = torch.randn(24, w.shape[1], generator=g).to(w.dtype)
         full = mm(x, wt, None, r.backend)
         ok = all(torch.equal(mm(x[o:o + n], wt, None, r.backend), full[o:o + n]) for o in (0, 5, 11, 24 - n))
