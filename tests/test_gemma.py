@@ -189,6 +189,30 @@ def test_tiny_perplexity_matches_llama_cpp(models, gguf_dir, wikitext, fam):
     assert f"{r2.ppl:.4f}" == f"{r.ppl:.4f}" and r2.chunk_ppl == r.chunk_ppl
 
 
+# ../shared/README.md, zoo table: llama.cpp's defaults (flash attention, f16 K/V, quantized
+# activations) on the Q4_K_M files, same chunks as LLAMA_CPP_EXACT
+LLAMA_CPP_Q4 = {"gemma2": 796.8950, "gemma3": 835.5979}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_tiny_q4_k_m_within_llama_cpp_quantized_spread(gguf_dir, wikitext, fam):
+    """The Q4_K_M files: dequantized weights with float32 activations, and ggml numerics (activations
+    rounded as llama.cpp's CPU backend rounds them, f16 K/V), both within 0.1% of llama.cpp's figure
+    (measured: +0.024% / -0.009% for gemma2, +0.037% / -0.005% for gemma3)."""
+    from gguf_runtime import numerics
+    from gguf_runtime.numerics import Numerics
+
+    path = gguf_dir / f"{fam}-tiny-Q4_K_M.gguf"
+    m = load_model(path)
+    plain = tiny_ppl(path, wikitext, model=m).ppl
+    with numerics.use(Numerics(ggml=True)):
+        ggml = tiny_ppl(path, wikitext, model=m).ppl
+    for got in (plain, ggml):
+        assert abs(got / LLAMA_CPP_Q4[fam] - 1) < 1e-3, (plain, ggml)
+    assert abs(plain / LLAMA_CPP_EXACT[fam] - 1) > 1e-4  # the quantized file really differs from f32
+
+
 # gemma-3-270m Q4_K_M (gguf_runtime.fixtures.gemma3_path) on wikitext-2-test.txt, -c 512, first
 # chunk's PPL (BOS first, second half scored): transformers 5.24 loading the same GGUF
 # (from_pretrained(gguf_file=...), dequantized to float32, eager attention) -> 7.076674748739094
