@@ -30,8 +30,17 @@ def assert_same(ours: Path, ref: Path) -> None:
     differ = sorted(k for k in kv.keys() | rkv.keys() if kv.get(k) != rkv.get(k))
     assert not differ, differ
     assert [t[:3] for t in ts] == [t[:3] for t in rts]  # names, types, shapes, in llama.cpp's order
-    bad = [t[0] for t, r in zip(ts, rts) if t[3] != r[3]]
+    bad = [t[0] for t, r in zip(ts, rts) if t[3] != r[3] and not (t[0].endswith("ssm_a") and _within_ulp(t[3], r[3]))]
     assert not bad, bad
+
+
+def _within_ulp(a: bytes, b: bytes) -> bool:
+    """``ssm_a`` is ``-exp(A_log)``, computed by torch on both sides; torch's float32 exp is not
+    correctly rounded and its last bit follows the CPU's vector code (the jamba fixture's 4,096 values
+    differ in ~55 near-halfway cases between this session's Intel box and the one that converted
+    them), so these tensors may differ by one unit in the last place, and no more."""
+    x, y = np.frombuffer(a, dtype=np.int32), np.frombuffer(b, dtype=np.int32)
+    return x.shape == y.shape and int(np.abs(x.astype(np.int64) - y).max(initial=0)) <= 1
 
 
 def linked_copy(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> Path:
