@@ -106,6 +106,14 @@ def _ggml_linear(x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, src:
 _FEW_ROWS: dict[tuple, bool] = {}
 
 
+def tiled_randn(shape: tuple[int, int], g: torch.Generator) -> torch.Tensor:
+    """A (rows, cols) float32 matrix of at most 64 random rows, tiled: for the self-checks that a
+    kernel computes the same way for some shape (the values only have to round differently in
+    different kernels; drawing a vocabulary head's worth of normals took seconds at start-up)."""
+    tile = torch.randn(min(64, shape[0]), shape[1], generator=g)
+    return tile.repeat(-(-shape[0] // tile.shape[0]), 1)[:shape[0]].contiguous()
+
+
 def _few_rows_ok(n: int, w: torch.Tensor, device: torch.device, r) -> bool:
     """Whether ``n`` (< the rule's minimum) rows need no padding for a weight of this shape: tested
     once per shape, dtype, backend and thread count on random data (the kernel a BLAS picks depends
@@ -117,10 +125,7 @@ def _few_rows_ok(n: int, w: torch.Tensor, device: torch.device, r) -> bool:
     ok = _FEW_ROWS.get(key)
     if ok is None:
         g = torch.Generator().manual_seed(n)
-        # random rows tiled to the weight's shape: the values only have to round differently in
-        # different kernels, and drawing a vocabulary head's worth of normals took seconds at start-up
-        tile = torch.randn(min(64, w.shape[0]), w.shape[1], generator=g).to(w.dtype)
-        wt = tile.repeat(-(-w.shape[0] // tile.shape[0]), 1)[:w.shape[0]].contiguous()
+        wt = tiled_randn(tuple(w.shape), g).to(w.dtype)
         x = torch.randn(24, w.shape[1], generator=g).to(w.dtype)
         full = mm(x, wt, None, r.backend)
         ok = all(torch.equal(mm(x[o:o + n], wt, None, r.backend), full[o:o + n]) for o in (0, 5, 11, 24 - n))

@@ -24,6 +24,7 @@ from torch import nn
 from .. import kernels, numerics
 from ..gguf.dequant import dequantize
 from ..kernels.ggml import FileWeight
+from ..kernels.linear import tiled_randn
 
 ROW_BLOCK = 8192
 _EXACT: dict[tuple, bool] = {}
@@ -119,8 +120,7 @@ def row_blocks_exact(shape: tuple[int, int], dtype: torch.dtype, device: torch.d
     ok = _EXACT.get(key)
     if ok is None:
         g = torch.Generator().manual_seed(shape[0])
-        tile = torch.randn(64, shape[1], generator=g)  # random rows tiled to the shape (see kernels.linear)
-        w = tile.repeat(-(-shape[0] // 64), 1)[:shape[0]].to(device=device, dtype=dtype).contiguous()
+        w = tiled_randn(tuple(shape), g).to(device=device, dtype=dtype)
         ok = True
         for n in (1, 2, 3, 64):
             x = torch.randn(n, shape[1], generator=g).to(device=device, dtype=dtype)
