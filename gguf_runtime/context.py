@@ -55,13 +55,7 @@ class Context:
         ubatches = self.memory.split(balloc, self.n_ubatch)
         self.memory.prepare(ubatches)
         n_out = balloc.n_outputs
-        self._out_idx, self._logits, self._hidden = torch.empty(0, dtype=torch.long), None, None
-        if n_out == 0:
-            with torch.inference_mode(), _numerics.use(self.numerics):
-                for ub in ubatches:
-                    self.memory.update()
-                    self.model(ub, self.memory.apply(ub))
-            return
+        self._logits = self._hidden = None
         # Each ubatch's outputs go straight to their rows in batch order: one (n_outputs, n_vocab)
         # buffer, no list of pieces to concatenate and reorder (a 262k vocabulary makes those copies GBs).
         sels = [ub.output.nonzero().flatten() for ub in ubatches]
@@ -80,7 +74,7 @@ class Context:
                     out = rows.new_empty(n_out, rows.shape[-1])
                 out[torch.searchsorted(self._out_idx, ub.idx[sel]).to(out.device)] = rows
                 del rows
-        if self.embeddings:
+        if self.embeddings:  # out stays None when no output was asked for
             self._hidden = out
         else:
             self._logits = out
