@@ -49,8 +49,8 @@ PROMPT16 = "The history of the city begins with a small village on the river, wh
 STAMPED = r"""
 import json, sys, time
 T = {"python": time.time()}
-from gguf_runtime.threads import set_passive_wait
-set_passive_wait()
+from gguf_runtime.threads import set_wait_policy
+set_wait_policy()
 import torch
 T["torch"] = time.time()
 from gguf_runtime import numerics

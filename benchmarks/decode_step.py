@@ -7,7 +7,7 @@ Decodes a 16-token prompt, then times 12 single-token steps (best kept), invaria
 (float32), read once per step. Shows whether batch-1 decode is bound by weight bytes (issue 20).
 """
 import sys, time
-from gguf_runtime.threads import set_passive_wait; set_passive_wait()
+from gguf_runtime.threads import set_wait_policy; set_wait_policy()
 import torch
 from gguf_runtime import fixtures, numerics
 from gguf_runtime.batch import Batch

@@ -49,12 +49,18 @@ def model_hash(model) -> str:
     return h.hexdigest()[:32]
 
 
+def products(model) -> str:
+    """How the model's linears multiply: ``quant`` (``--weights quant``: the fused kernel on the file's
+    blocks) or ``float`` (dequantized weights: resident and lazy, which give the same bits)."""
+    return "quant" if model.weights == "quant" else "float"
+
+
 def header(ctx) -> dict[str, str]:
     """What a state must agree on with the context that restores it."""
     m = ctx.model
     return {"format": FORMAT, "version": str(VERSION), "arch": type(m).__module__.rsplit(".", 1)[-1],
             "model": model_hash(m), "dtype": str(m.dtype).removeprefix("torch."),
-            **{f"numerics.{k}": v for k, v in ctx.numerics.describe().items()}}
+            "products": products(m), **{f"numerics.{k}": v for k, v in ctx.numerics.describe().items()}}
 
 
 def _crc(tensors: dict[str, torch.Tensor]) -> str:
@@ -135,9 +141,10 @@ def load(ctx, path, seq_id: int | None = None, dest_seq_id: int | None = None) -
     if meta.get("model") != mine["model"]:
         raise StateError(f"{where}: made for another {mine['arch']} model (model hash {meta.get('model')}, "
                          f"this one {mine['model']})")
-    for k in [k for k in mine if k.startswith("numerics.")] + ["dtype"]:
-        if meta.get(k) != mine[k]:
-            raise StateError(f"{where}: made with {k} = {meta.get(k)}, this context has {mine[k]}")
+    for k in [k for k in mine if k.startswith("numerics.")] + ["dtype", "products"]:
+        saved = meta.get(k, "float" if k == "products" else None)  # files from before products: float
+        if saved != mine[k]:
+            raise StateError(f"{where}: made with {k} = {saved}, this context has {mine[k]}")
     saved_seq = meta.get("seq_id", "")
     if saved_seq and seq_id is None:
         seq_id = int(saved_seq)

@@ -24,10 +24,17 @@ def test_affinity_and_loadavg_read_from_the_system():
     assert threads.runnable_others() >= 0
 
 
-def test_passive_wait_respects_the_environment(monkeypatch):
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    threads.set_passive_wait()
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    threads.set_passive_wait()
-    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+def test_wait_policy_follows_load_and_respects_the_environment(monkeypatch):
+    for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):  # recorded first, so both are restored after
+        monkeypatch.setenv(var, "unset")
+        monkeypatch.delenv(var)
+    monkeypatch.setattr(threads, "runnable_others", lambda: 0)  # idle: bounded spin, then sleep
+    assert threads.set_wait_policy() == "spin"
+    assert os.environ["GOMP_SPINCOUNT"] == threads.SPIN_COUNT and "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setattr(threads, "runnable_others", lambda: 2)  # loaded: sleep at once
+    assert threads.set_wait_policy() == "passive"
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in os.environ
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's word wins
+    assert threads.set_wait_policy() == "user"
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE" and "GOMP_SPINCOUNT" not in os.environ

@@ -135,4 +135,13 @@ def test_cli_weights_flag(gguf_dir, wikitext, capsys):
     with pytest.raises(SystemExit) as e:
         main(["perplexity", "-m", str(gguf_dir / "llama-tiny-Q4_K_M.gguf"), "--weights", "mmap"])
     assert e.value.code == 2
-    assert capsys.readouterr().err.strip() == "error: unknown --weights 'mmap' (use resident, lazy or auto)"
+    assert capsys.readouterr().err.strip() == "error: unknown --weights 'mmap' (use resident, lazy, quant or auto)"
+
+
+def test_quant_without_the_native_library_is_lazy(gguf_dir, monkeypatch):
+    """With no fused kernel (GGUF_RUNTIME_NATIVE=0, or no compiler) ``--weights quant`` still runs:
+    each product dequantizes, as lazy weights do, with the same logits."""
+    monkeypatch.setenv("GGUF_RUNTIME_NATIVE", "0")
+    t = toks(60, 8)
+    path = gguf_dir / "llama-tiny-Q4_K_M.gguf"
+    assert torch.equal(_logits(load_model(path, weights="quant"), t), _logits(load_model(path, weights="lazy"), t))

@@ -57,15 +57,16 @@ def threads(n: int) -> None:
 
 
 WEIGHTS_HELP = ("resident (dequantized at load), lazy (kept in the file's types, dequantized layer by layer "
-                "right before use), auto (lazy when resident would not fit in memory)")
+                "right before use), quant (kept in the file's types and multiplied as they are: least memory, "
+                "fastest decode; CPU float32, else as auto), auto (lazy when resident would not fit in memory)")
 
 
 def weights(name: str) -> str:
-    """``--weights``: resident, lazy or auto."""
+    """``--weights``: resident, lazy, quant or auto."""
     from gguf_runtime.models.base import WEIGHT_MODES
 
     if name not in WEIGHT_MODES:
-        raise GGUFRuntimeError(f"unknown --weights '{name}' (use resident, lazy or auto)")
+        raise GGUFRuntimeError(f"unknown --weights '{name}' (use resident, lazy, quant or auto)")
     return name
 
 

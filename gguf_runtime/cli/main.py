@@ -117,9 +117,9 @@ def _one_line(e: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """The console script: always ends with ``sys.exit`` (0 ok, 2 bad input, 130 interrupted)."""
-    from gguf_runtime.threads import set_passive_wait
+    from gguf_runtime.threads import set_wait_policy
 
-    set_passive_wait()  # before anything imports torch (gguf_runtime/threads.py says why)
+    set_wait_policy()  # before anything imports torch (gguf_runtime/threads.py says why)
     try:
         rc = app(args=argv, prog_name="gguf-runtime", standalone_mode=False)
     except GGUFRuntimeError as e:

@@ -11,6 +11,8 @@
  * Each exported function dq_<type>(x, y, nb, nt) turns nb contiguous blocks at x into
  * nb * block_size floats at y, splitting the blocks over nt OpenMP threads when built with OpenMP
  * (each block is computed alone, so the result does not depend on nt, nor on how it is stored).
+ * qmm_<type>(w, N, K, x, M, y, nt), at the end, multiplies by weights still in blocks (decoded by
+ * the same functions) in one fixed order per output (--weights quant).
  */
 #include <stdint.h>
 #include <string.h>
@@ -370,6 +372,96 @@ static inline void iq1_m(const uint8_t *restrict x, float *restrict y) { /* qs[3
 
 /* ---- drivers ------------------------------------------------------------------------------ */
 
+/* ---- AVX-512 forms of the commonest block types ------------------------------------------
+ * The same float32 operations as the scalar functions above, 16 lanes at a time (integer codes
+ * decoded exactly in integer lanes, converted, then the same multiply / add, unfused: this file is
+ * built with -ffp-contract=off), so the floats are the same bits; the dequantization tests against
+ * gguf-py check them. Where AVX-512 is absent the scalar functions run. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline __m512 u8f(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }
+static inline __m512 u8f_minus(__m128i b, int c) {
+    return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(b), _mm512_set1_epi32(c)));
+}
+static inline __m128i ld16(const uint8_t *p) { return _mm_loadu_si128((const __m128i *)p); }
+static inline __m128i lo4(__m128i b) { return _mm_and_si128(b, _mm_set1_epi8(0x0F)); }
+static inline __m128i hi4(__m128i b) { return _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F)); }
+
+static inline void v_q4_0(const uint8_t *restrict x, float *restrict y) {
+    const __m512 d = _mm512_set1_ps(f16(x));
+    const __m128i q = ld16(x + 2);
+    _mm512_storeu_ps(y, _mm512_mul_ps(d, u8f_minus(lo4(q), 8)));
+    _mm512_storeu_ps(y + 16, _mm512_mul_ps(d, u8f_minus(hi4(q), 8)));
+}
+
+static inline void v_q4_1(const uint8_t *restrict x, float *restrict y) {
+    const __m512 d = _mm512_set1_ps(f16(x)), m = _mm512_set1_ps(f16(x + 2));
+    const __m128i q = ld16(x + 4);
+    _mm512_storeu_ps(y, _mm512_add_ps(_mm512_mul_ps(d, u8f(lo4(q))), m));
+    _mm512_storeu_ps(y + 16, _mm512_add_ps(_mm512_mul_ps(d, u8f(hi4(q))), m));
+}
+
+static inline void v_q5_0(const uint8_t *restrict x, float *restrict y) {
+    const __m512 d = _mm512_set1_ps(f16(x));
+    const uint32_t qh = rd32(x + 2);
+    const __m128i q = ld16(x + 6);
+    const __m512i s16 = _mm512_set1_epi32(16);
+    __m512i lo = _mm512_cvtepu8_epi32(lo4(q)), hi = _mm512_cvtepu8_epi32(hi4(q));
+    lo = _mm512_mask_add_epi32(lo, (__mmask16)(qh & 0xFFFF), lo, s16);
+    hi = _mm512_mask_add_epi32(hi, (__mmask16)(qh >> 16), hi, s16);
+    _mm512_storeu_ps(y, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(lo, s16))));
+    _mm512_storeu_ps(y + 16, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(hi, s16))));
+}
+
+static inline void v_q8_0(const uint8_t *restrict x, float *restrict y) {
+    const __m512 d = _mm512_set1_ps(f16(x));
+    _mm512_storeu_ps(y, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(ld16(x + 2))), d));
+    _mm512_storeu_ps(y + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(ld16(x + 18))), d));
+}
+
+static inline void v_q4_k(const uint8_t *restrict x, float *restrict y) {
+    const float d = f16(x), dmin = f16(x + 2);
+    for (int j = 0; j < 8; j++) {
+        int sc, m;
+        k_scale_min(x + 4, j, &sc, &m);
+        const __m512 dl = _mm512_set1_ps(d * (float)sc), ml = _mm512_set1_ps(dmin * (float)m);
+        const uint8_t *q = x + 16 + 32 * (j >> 1);
+        const __m128i a = ld16(q), b = ld16(q + 16);
+        const __m128i va = (j & 1) ? hi4(a) : lo4(a), vb = (j & 1) ? hi4(b) : lo4(b);
+        _mm512_storeu_ps(y + 32 * j, _mm512_sub_ps(_mm512_mul_ps(dl, u8f(va)), ml));
+        _mm512_storeu_ps(y + 32 * j + 16, _mm512_sub_ps(_mm512_mul_ps(dl, u8f(vb)), ml));
+    }
+}
+
+static inline void v_q6_k(const uint8_t *restrict x, float *restrict y) {
+    const float d = f16(x + 208);
+    const __m128i m3 = _mm_set1_epi8(3);
+    for (int h = 0; h < 2; h++) {
+        const uint8_t *ql = x + 64 * h, *qh = x + 128 + 32 * h;
+        const int8_t *sc = (const int8_t *)(x + 192 + 8 * h);
+        float *yh = y + 128 * h;
+        for (int half = 0; half < 2; half++) {
+            const int l = 16 * half;
+            const __m128i A = ld16(ql + l), B = ld16(ql + l + 32), H = ld16(qh + l);
+            const __m128i h0 = _mm_slli_epi16(_mm_and_si128(H, m3), 4);
+            const __m128i h1 = _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(H, 2), m3), 4);
+            const __m128i h2 = _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(H, 4), m3), 4);
+            const __m128i h3 = _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(H, 6), m3), 4);
+            _mm512_storeu_ps(yh + l, _mm512_mul_ps(_mm512_set1_ps(d * (float)sc[half]), u8f_minus(_mm_or_si128(lo4(A), h0), 32)));
+            _mm512_storeu_ps(yh + l + 32, _mm512_mul_ps(_mm512_set1_ps(d * (float)sc[2 + half]), u8f_minus(_mm_or_si128(lo4(B), h1), 32)));
+            _mm512_storeu_ps(yh + l + 64, _mm512_mul_ps(_mm512_set1_ps(d * (float)sc[4 + half]), u8f_minus(_mm_or_si128(hi4(A), h2), 32)));
+            _mm512_storeu_ps(yh + l + 96, _mm512_mul_ps(_mm512_set1_ps(d * (float)sc[6 + half]), u8f_minus(_mm_or_si128(hi4(B), h3), 32)));
+        }
+    }
+}
+#define q4_0 v_q4_0 /* DRIVER and QMM below call these */
+#define q4_1 v_q4_1
+#define q5_0 v_q5_0
+#define q8_0 v_q8_0
+#define q4_k v_q4_k
+#define q6_k v_q6_k
+#endif
+
 /* Outputs of STREAM_MIN floats or more (larger than a core's L2) are written with non-temporal
  * stores where the CPU has them: runs of blocks are decoded into a small aligned buffer (1 KiB,
  * large enough that reading it back does not wait on the stores just made), then streamed out,
@@ -425,29 +517,233 @@ static inline void stream_fence(void) {}
         direct_##name(x, y, ng * GROUP(BS), nb, 1);                                            \
     }
 
-DRIVER(q4_0, 18, 32)
-DRIVER(q4_1, 20, 32)
-DRIVER(q5_0, 22, 32)
-DRIVER(q5_1, 24, 32)
-DRIVER(q8_0, 34, 32)
-DRIVER(iq4_nl, 18, 32)
-DRIVER(mxfp4, 17, 32)
-DRIVER(nvfp4, 36, 64)
-DRIVER(q2_k, 84, QK_K)
-DRIVER(q3_k, 110, QK_K)
-DRIVER(q4_k, 144, QK_K)
-DRIVER(q5_k, 176, QK_K)
-DRIVER(q6_k, 210, QK_K)
-DRIVER(iq4_xs, 136, QK_K)
-DRIVER(tq1_0, 54, QK_K)
-DRIVER(tq2_0, 66, QK_K)
-DRIVER(iq3_xxs, 98, QK_K)
-DRIVER(iq3_s, 110, QK_K)
-DRIVER(iq2_xxs, 66, QK_K)
-DRIVER(iq2_xs, 74, QK_K)
-DRIVER(iq2_s, 82, QK_K)
-DRIVER(iq1_s, 50, QK_K)
-DRIVER(iq1_m, 56, QK_K)
+/* (name, bytes per block, values per block): the types qmm below also multiplies, then the rest */
+#define QMM_BLOCK_TYPES(X)                                                                       \
+    X(q4_0, 18, 32) X(q4_1, 20, 32) X(q5_0, 22, 32) X(q5_1, 24, 32) X(q8_0, 34, 32) X(iq4_nl, 18, 32) \
+    X(q2_k, 84, QK_K) X(q3_k, 110, QK_K) X(q4_k, 144, QK_K) X(q5_k, 176, QK_K) X(q6_k, 210, QK_K)   \
+    X(iq4_xs, 136, QK_K)
+#define OTHER_BLOCK_TYPES(X)                                                                     \
+    X(mxfp4, 17, 32) X(nvfp4, 36, 64) X(tq1_0, 54, QK_K) X(tq2_0, 66, QK_K) X(iq3_xxs, 98, QK_K)  \
+    X(iq3_s, 110, QK_K) X(iq2_xxs, 66, QK_K) X(iq2_xs, 74, QK_K) X(iq2_s, 82, QK_K) X(iq1_s, 50, QK_K) \
+    X(iq1_m, 56, QK_K)
+QMM_BLOCK_TYPES(DRIVER)
+OTHER_BLOCK_TYPES(DRIVER)
+
+/* ---- fused dequantize-and-multiply: y = x @ W^T, W read in its GGUF type --------------------
+ *
+ * qmm_<type>(w, N, K, x, M, y, nt): y (M, N) from x (M, K) float32 and W (N, K) stored as N rows of
+ * K / block_size blocks (the file's bytes). W is decoded a panel of rows at a time (the block
+ * functions above: the very floats dequantization gives) into a per-thread buffer, then multiplied.
+ *
+ * Every output is computed in one fixed order, whatever M, N, the panel or the thread count: QL
+ * partial sums, lane l taking k = l, l + QL, l + 2 QL, ... in increasing k with a fused
+ * multiply-add (fmaf: the same rounding scalar or vectorised), then summed by one fixed tree
+ * (lane_sum). So a row of x gives the same bits alone or among any other rows, and threads only
+ * split the output columns: the product is batch- and thread-invariant by construction, with no
+ * padding and no calibration. */
+#include <math.h>
+#include <stdlib.h>
+
+#if defined(__AVX512F__)
+#define QL 16 /* partial sums per output: one vector register's lanes */
+#else
+#define QL 8
+#endif
+#ifndef MR
+#define MR 4 /* x rows per register tile */
+#define NR 3 /* weight rows per register tile (MR x NR accumulators of QL lanes) */
+#endif
+#define PANEL_FLOATS (1 << 15) /* decoded weights per panel: 128 KiB, held in L2 */
+
+static inline float lane_sum(const float *a) { /* pairwise, lanes l and l + n / 2 first */
+    float t[QL];
+    memcpy(t, a, sizeof t);
+    for (int n = QL / 2; n >= 1; n /= 2)
+        for (int l = 0; l < n; l++) t[l] = t[l] + t[l + n];
+    return t[0];
+}
+
+/* One register tile: out[i][j] = the fixed-order sum for x row i (rows ldx apart) and decoded
+ * weight row j (rows K apart), for R x rows and C weight rows. The vector and the scalar forms
+ * compute the same fused multiply-adds in the same order, so they agree to the bit. */
+#if defined(__AVX512F__)
+#define VEC __m512
+#define VZERO _mm512_setzero_ps
+#define VLOAD _mm512_loadu_ps
+#define VFMA _mm512_fmadd_ps
+#define VSTORE _mm512_storeu_ps
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VEC __m256
+#define VZERO _mm256_setzero_ps
+#define VLOAD _mm256_loadu_ps
+#define VFMA _mm256_fmadd_ps
+#define VSTORE _mm256_storeu_ps
+#endif
+#ifdef VEC
+#define TILE(R, C)                                                                               \
+    static inline void tile_##R##x##C(const float *restrict x, int64_t ldx, const float *restrict w, \
+                                      int64_t K, float out[R][C]) {                             \
+        VEC acc[R][C];                                                                           \
+        for (int i = 0; i < R; i++)                                                              \
+            for (int j = 0; j < C; j++) acc[i][j] = VZERO();                                     \
+        for (int64_t k = 0; k < K; k += QL) {                                                    \
+            VEC wv[C];                                                                           \
+            for (int j = 0; j < C; j++) wv[j] = VLOAD(w + j * K + k);                            \
+            for (int i = 0; i < R; i++) {                                                        \
+                const VEC xv = VLOAD(x + i * ldx + k);                                           \
+                for (int j = 0; j < C; j++) acc[i][j] = VFMA(xv, wv[j], acc[i][j]);              \
+            }                                                                                    \
+        }                                                                                        \
+        for (int i = 0; i < R; i++)                                                              \
+            for (int j = 0; j < C; j++) {                                                        \
+                float a[QL];                                                                     \
+                VSTORE(a, acc[i][j]);                                                            \
+                out[i][j] = lane_sum(a);                                                         \
+            }                                                                                    \
+    }
+#else
+#define TILE(R, C)                                                                               \
+    static inline void tile_##R##x##C(const float *restrict x, int64_t ldx, const float *restrict w, \
+                                      int64_t K, float out[R][C]) {                             \
+        float acc[R][C][QL];                                                                     \
+        memset(acc, 0, sizeof acc);                                                              \
+        for (int64_t k = 0; k < K; k += QL)                                                      \
+            for (int i = 0; i < R; i++)                                                          \
+                for (int j = 0; j < C; j++)                                                      \
+                    for (int l = 0; l < QL; l++)                                                 \
+                        acc[i][j][l] = fmaf(x[i * ldx + k + l], w[j * K + k + l], acc[i][j][l]); \
+        for (int i = 0; i < R; i++)                                                              \
+            for (int j = 0; j < C; j++) out[i][j] = lane_sum(acc[i][j]);                         \
+    }
+#endif
+#define TILE_MN(R, C) TILE(R, C)
+#define TILE_FN_(R, C) tile_##R##x##C
+#define TILE_FN(R, C) TILE_FN_(R, C)
+#define NR1 8 /* weight rows per tile for a lone x row (decode) */
+TILE_MN(MR, NR)
+TILE(1, 8) /* 1 x NR1 */
+
+/* rows per panel: about PANEL_FLOATS decoded weights, a multiple of NR1 (and so of NR... not
+ * needed: edges are padded), and at least 4 panels per thread when N allows (decode: few rows of
+ * x, the work is all in the panels) */
+static int64_t qmm_panel(int64_t N, int64_t K, int nt) {
+    int64_t np = PANEL_FLOATS / K / 24 * 24;
+    int64_t even = (N + 4 * nt - 1) / (4 * nt);
+    even = (even + 23) / 24 * 24;
+    if (even < np) np = even;
+    return np < 24 ? 24 : np;
+}
+
+/* the products of x rows [m0, M) with the nn decoded rows at pw (a panel padded with zero rows to
+ * a multiple of 24), into y (row stride N) */
+static void qmm_panel_rows(const float *restrict x, int64_t M, int64_t K, const float *restrict pw, int64_t nn,
+                           float *restrict y, int64_t N) {
+    int64_t m0 = 0;
+    for (; m0 + MR <= M; m0 += MR)
+        for (int64_t j0 = 0; j0 < nn; j0 += NR) {
+            float o[MR][NR];
+            TILE_FN(MR, NR)(x + m0 * K, K, pw + j0 * K, K, o);
+            const int64_t nc = nn - j0 < NR ? nn - j0 : NR;
+            for (int i = 0; i < MR; i++)
+                for (int64_t j = 0; j < nc; j++) y[(m0 + i) * N + j0 + j] = o[i][j];
+        }
+    for (; m0 < M; m0++)
+        for (int64_t j0 = 0; j0 < nn; j0 += NR1) {
+            float o[1][NR1];
+            tile_1x8(x + m0 * K, K, pw + j0 * K, K, o);
+            const int64_t nc = nn - j0 < NR1 ? nn - j0 : NR1;
+            for (int64_t j = 0; j < nc; j++) y[m0 * N + j0 + j] = o[0][j];
+        }
+}
+
+static void qmm_panels(const uint8_t *restrict w, int64_t rb, int64_t N, int64_t K, const float *restrict x,
+                       int64_t M, float *restrict y, int nt, void (*decode)(const uint8_t *, float *, int64_t)) {
+    const int64_t np = qmm_panel(N, K, nt), npan = (N + np - 1) / np;
+    if (nt > npan) nt = (int)npan;
+    OMP(parallel num_threads(nt) if(nt > 1)) {
+        float *buf = aligned_alloc(64, (size_t)(np * K * 4 + 63) / 64 * 64);
+        OMP(for schedule(static))
+        for (int64_t p = 0; p < npan; p++) {
+            const int64_t n0 = p * np, nn = N - n0 < np ? N - n0 : np;
+            const int64_t pad = (nn + 23) / 24 * 24;
+            const float *pw = buf;
+            if (decode) {
+                for (int64_t r = 0; r < nn; r++) decode(w + (n0 + r) * rb, buf + r * K, K);
+            } else if (pad == nn) {
+                pw = (const float *)(w + n0 * rb); /* float32 weights: used in place */
+            } else {
+                memcpy(buf, w + n0 * rb, (size_t)(nn * K * 4));
+            }
+            if (pad != nn) memset(buf + nn * K, 0, (size_t)((pad - nn) * K * 4));
+            qmm_panel_rows(x, M, K, pw, nn, y + n0, N);
+        }
+        free(buf);
+    }
+}
+
+#define QG 4 /* weight rows decoded side by side for fewer than MR x rows */
+#ifdef VEC
+/* Fewer than MR rows of x (decode): QG weight rows at a time, each block decoded into a small
+ * buffer that stays in L1 and multiplied at once (no panel written out and read back); the same
+ * fused multiply-adds in the same order as the panel path. */
+#define FEW_ROWS(name, TS, BS)                                                                   \
+    static void few_##name(const uint8_t *restrict w, int64_t N, int64_t K, const float *restrict x, \
+                           int64_t M, float *restrict y, int nt) {                              \
+        const int64_t rb = K / BS * TS, ng = (N + QG - 1) / QG;                                  \
+        if (nt > ng) nt = (int)ng;                                                               \
+        OMP(parallel for schedule(static) num_threads(nt) if(nt > 1))                            \
+        for (int64_t g = 0; g < ng; g++) {                                                       \
+            float t[QG][BS] __attribute__((aligned(64)));                                        \
+            VEC acc[QG][MR - 1];                                                                 \
+            const int64_t n0 = g * QG, gn = N - n0 < QG ? N - n0 : QG;                           \
+            for (int r = 0; r < QG; r++)                                                         \
+                for (int i = 0; i < MR - 1; i++) acc[r][i] = VZERO();                            \
+            for (int64_t b = 0; b < K / BS; b++) {                                               \
+                for (int r = 0; r < gn; r++) name(w + (n0 + r) * rb + b * TS, t[r]);             \
+                for (int kk = 0; kk < BS; kk += QL)                                              \
+                    for (int i = 0; i < M; i++) {                                                \
+                        const VEC xv = VLOAD(x + i * K + b * BS + kk);                           \
+                        for (int r = 0; r < QG; r++) acc[r][i] = VFMA(xv, VLOAD(t[r] + kk), acc[r][i]); \
+                    }                                                                            \
+            }                                                                                    \
+            for (int r = 0; r < gn; r++)                                                         \
+                for (int i = 0; i < M; i++) {                                                    \
+                    float a[QL];                                                                 \
+                    VSTORE(a, acc[r][i]);                                                        \
+                    y[i * N + n0 + r] = lane_sum(a);                                             \
+                }                                                                                \
+        }                                                                                        \
+    }
+#define FEW(name, M) ((M) < MR ? few_##name : NULL)
+#else
+#define FEW_ROWS(name, TS, BS)
+#define FEW(name, M) NULL
+#endif
+
+#define QMM(name, TS, BS)                                                                        \
+    static void row_##name(const uint8_t *restrict x, float *restrict y, int64_t K) {          \
+        for (int64_t b = 0; b < K / BS; b++) name(x + b * TS, y + b * BS);                     \
+    }                                                                                          \
+    FEW_ROWS(name, TS, BS)                                                                     \
+    void qmm_##name(const uint8_t *w, int64_t N, int64_t K, const float *x, int64_t M, float *y, int nt) { \
+        void (*few)(const uint8_t *, int64_t, int64_t, const float *, int64_t, float *, int) = FEW(name, M); \
+        if (BS >= QL && few) few(w, N, K, x, M, y, nt);                                        \
+        else qmm_panels(w, K / BS * TS, N, K, x, M, y, nt, row_##name);                        \
+    }
+
+static inline void f16_1(const uint8_t *restrict x, float *restrict y) { *y = f16(x); }
+static inline void bf16_1(const uint8_t *restrict x, float *restrict y) { *y = from_bits((uint32_t)rd16(x) << 16); }
+
+QMM_BLOCK_TYPES(QMM)
+QMM(f16_1, 2, 1)
+QMM(bf16_1, 2, 1)
+
+void qmm_f32(const uint8_t *w, int64_t N, int64_t K, const float *x, int64_t M, float *y, int nt) {
+    qmm_panels(w, K * 4, N, K, x, M, y, nt, NULL);
+}
 
 /* The ABI version Python checks after loading (bump when a signature changes). */
-int dq_abi(void) { return 3; }
+int dq_abi(void) { return 4; }
+
+/* partial sums per output of qmm (K must be a multiple) */
+int qmm_lanes(void) { return QL; }

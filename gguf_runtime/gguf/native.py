@@ -13,6 +13,9 @@ atomically (a failed build leaves a ``.failed`` note instead, so it is not retri
 processes only load it. Blocks are split over ``torch.get_num_threads()`` threads; each block is
 computed alone, so the thread count never changes a result.
 
+``matmul(qtype)`` returns the fused dequantize-and-multiply of the same library (``qmm_<type>``:
+``--weights quant``), ``lanes()`` its partial sums per output.
+
 ``GGUF_RUNTIME_NATIVE=0`` turns the native path off (the torch kernels of ``dequant`` run instead).
 No compiler, a failed build or a library that does not load also leaves the torch kernels in
 charge; the reason is logged at debug level, once per process.
@@ -39,7 +42,7 @@ T = GGMLQuantizationType
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("_dequant.c")
-ABI = 3
+ABI = 4
 TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL, T.MXFP4, T.NVFP4,
          T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS, T.TQ1_0, T.TQ2_0,
          T.IQ3_XXS, T.IQ3_S, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M)
@@ -146,9 +149,45 @@ def library() -> ctypes.CDLL | None:
             fn = getattr(lib, "dq_" + t.name.lower())
             fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
             fn.restype = None
+        for name in QMM_TYPES.values():
+            fn = getattr(lib, "qmm_" + name)
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                           ctypes.c_void_p, ctypes.c_int]
+            fn.restype = None
         log.debug("native dequant: %s (%s)", so, " ".join(flags) or "no extra flags")
         return lib
     return None
+
+
+QMM_TYPES = {T.Q4_0: "q4_0", T.Q4_1: "q4_1", T.Q5_0: "q5_0", T.Q5_1: "q5_1", T.Q8_0: "q8_0",
+             T.IQ4_NL: "iq4_nl", T.Q2_K: "q2_k", T.Q3_K: "q3_k", T.Q4_K: "q4_k", T.Q5_K: "q5_k",
+             T.Q6_K: "q6_k", T.IQ4_XS: "iq4_xs", T.F32: "f32", T.F16: "f16_1", T.BF16: "bf16_1"}
+
+
+def lanes() -> int:
+    """The partial sums per output of :func:`matmul` (its ``K`` must be a multiple), 0 without the library."""
+    lib = library() if enabled() else None
+    return 0 if lib is None else lib.qmm_lanes()
+
+
+def matmul(qtype: GGMLQuantizationType) -> Callable[[torch.Tensor, int, int, torch.Tensor, torch.Tensor], None] | None:
+    """The fused dequantize-and-multiply for weights of ``qtype`` as ``fn(raw, n, k, x, y)``: ``y``
+    ((m, n) float32) = ``x`` ((m, k) float32) @ W.T, W being ``raw`` (n rows of k / block_size blocks,
+    uint8, contiguous, CPU). Each output is one fixed-order sum (see the C file), so a row's result
+    does not depend on the other rows nor on the thread count. ``None`` when unavailable."""
+    name = QMM_TYPES.get(qtype)
+    if name is None or not enabled():
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    fn = getattr(lib, "qmm_" + name)
+
+    def run(raw: torch.Tensor, n: int, k: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        assert raw.is_contiguous() and x.is_contiguous() and y.is_contiguous() and x.dtype == y.dtype == torch.float32
+        fn(raw.data_ptr(), n, k, x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
+
+    return run
 
 
 def kernel(qtype: GGMLQuantizationType) -> Callable[[torch.Tensor, torch.Tensor], None] | None:

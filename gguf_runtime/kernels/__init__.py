@@ -2,7 +2,8 @@
 
 Every model computes through these, under the :class:`~gguf_runtime.numerics.Numerics` in force:
 
-- :mod:`.linear`: products padded to the calibrated tile (:mod:`.calibrate`);
+- :mod:`.linear`: products padded to the calibrated tile (:mod:`.calibrate`), or read straight from
+  GGUF blocks (``qlinear``, ``--weights quant``);
 - :mod:`.attention`: fixed key blocks in a fixed order (called by memory views' ``attend``);
 - :mod:`.elementwise`: float32 norms, lane-wise transcendental functions;
 - :mod:`.rope`: rotary embeddings; :mod:`.ggml`: llama.cpp's CPU roundings (opt-in);
@@ -11,8 +12,8 @@ Every model computes through these, under the :class:`~gguf_runtime.numerics.Num
 from .attention import attention
 from .calibrate import KV_BLOCK
 from .elementwise import exp, gelu, gelu_tanh, layer_norm, log_softmax, rms_norm, silu, softcap, softplus, tanh
-from .linear import linear
+from .linear import linear, qlinear
 from .rope import rope, rope_freqs
 
 __all__ = ["attention", "KV_BLOCK", "exp", "gelu", "gelu_tanh", "layer_norm", "log_softmax", "rms_norm", "silu",
-           "softcap", "softplus", "tanh", "linear", "rope", "rope_freqs"]
+           "softcap", "softplus", "tanh", "linear", "qlinear", "rope", "rope_freqs"]

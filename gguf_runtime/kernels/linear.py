@@ -6,6 +6,10 @@ from which that backend computes every row the same way at any offset (oneDNN: 2
 a per-shape test allows; MKL's sgemm: 4, its 1-3 row path sums in another order). Non-invariant
 numerics keep the backend and drop the padding. ggml numerics round each activation row as
 llama.cpp's CPU backend does for the weight's file type first (:mod:`.ggml`).
+
+``qlinear`` (``--weights quant``) multiplies by a weight still in its GGUF type with the native fused
+kernel (``gguf.native.matmul``): no padding and no calibration, since every output is one
+fixed-order sum whatever the rows and threads; its bits differ from ``linear``'s (another order).
 """
 from __future__ import annotations
 
@@ -101,6 +105,30 @@ def _ggml_linear(x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, src:
         y = _linear2((q * d16).flatten(-2).to(x2.dtype), w, b, nx, fresh)
         return y + ggml.q8_1_min_correction(q, d, d16, src.block_mins(w.device)).to(y.dtype)
     return _linear2(ggml.round_activations(x2, src.qtype).to(x2.dtype), w, b, nx, fresh)
+
+
+def qlinear(x: torch.Tensor, raw: torch.Tensor, qtype, shape: tuple[int, int],
+            b: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``x @ W.T (+ b)`` with W ((out, in) = ``shape``) given as its GGUF bytes ``raw`` (rows of
+    blocks), read by the native fused kernel; ``None`` where it does not apply (not on CPU, x not
+    float32, ggml numerics, no native library or no kernel for the type, ``in`` not a multiple of
+    its lanes), and the caller dequantizes instead."""
+    from ..gguf import native
+
+    n, k = shape
+    if x.device.type != "cpu" or x.dtype != torch.float32 or raw.device.type != "cpu" or numerics.current().ggml:
+        return None
+    fn = native.matmul(qtype)
+    lanes = native.lanes() if fn is not None else 0
+    if fn is None or not lanes or k % lanes:
+        return None
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).contiguous()
+    y = x2.new_empty(x2.shape[0], n)
+    fn(raw if raw.is_contiguous() else raw.contiguous(), n, k, x2, y)
+    if b is not None:
+        y += b
+    return y.reshape(*lead, n)
 
 
 _FEW_ROWS: dict[tuple, bool] = {}

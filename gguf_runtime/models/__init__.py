@@ -46,7 +46,8 @@ def model_class(arch: str):
 def load_model(path_or_file, device=None, dtype=torch.float32, weights: str = "resident"):
     """Open a GGUF file and build its model on ``device`` computing in ``dtype``; ``weights``:
     ``resident`` (dequantized at load), ``lazy`` (kept in the file's types, dequantized layer by
-    layer), ``auto`` (lazy when resident would not fit)."""
+    layer), ``quant`` (kept in the file's types and multiplied as they are, CPU float32), ``auto``
+    (lazy when resident would not fit)."""
     f = path_or_file if isinstance(path_or_file, GGUFFile) else GGUFFile(path_or_file)
     return model_class(f.arch).from_gguf(f, device=device, dtype=dtype, weights=weights)
 

@@ -37,7 +37,7 @@ from ..memory.base import Memory
 from ..numerics import Numerics
 from .layers import Embedding, LayerNorm, Linear, QuantWeight, Scratch, row_blocks_exact
 
-WEIGHT_MODES = ("resident", "lazy", "auto")
+WEIGHT_MODES = ("resident", "lazy", "quant", "auto")
 
 
 @dataclass
@@ -67,6 +67,7 @@ class Model(nn.Module, ABC):
     args: ModelArgs
     device: torch.device
     dtype: torch.dtype
+    weights: str = "resident"  # the mode chosen at load (choose_weights): resident, lazy or quant
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -75,17 +76,18 @@ class Model(nn.Module, ABC):
     @classmethod
     def from_gguf(cls, f: GGUFFile, device=None, dtype=torch.float32, weights: str = "resident") -> "Model":
         """``weights``: ``resident`` (dequantized at load), ``lazy`` (large matrices kept in their
-        file type and dequantized right before use), ``auto`` (lazy when the dequantized weights
-        would not fit in the memory available)."""
+        file type and dequantized right before use), ``quant`` (kept in their file type and
+        multiplied as they are, :func:`gguf_runtime.kernels.qlinear`), ``auto`` (lazy when the
+        dequantized weights would not fit in the memory available)."""
         args = cls.Args.from_gguf(HParams(f))
         args.tied = "output.weight" not in f.tensor_infos
         with torch.device("meta"):
             model = cls(args)
         model.device, model.dtype = resolve_device(device), dtype
         model.weights = choose_weights(weights, f, model.device, dtype)
-        load_weights(model, f, lazy=model.weights == "lazy")
+        load_weights(model, f, lazy=model.weights in ("lazy", "quant"), direct=model.weights == "quant")
         for m in model.modules():  # decide row blocks while little memory is in use (see layers.ROW_BLOCK)
-            if isinstance(m, Linear) and m.lazy is not None:
+            if isinstance(m, Linear) and m.lazy is not None and not m.lazy.direct:
                 row_blocks_exact(m.lazy.shape, m.lazy.dtype, m.lazy.raw.device)
         model.loaded(f)
         return model.eval()
@@ -117,13 +119,16 @@ def _kind(name: str) -> str:
 
 
 def choose_weights(mode: str, f: GGUFFile, device: torch.device, dtype: torch.dtype) -> str:
-    """``resident`` or ``lazy`` for ``mode``; ``auto`` is lazy when the file's tensors, dequantized
-    to ``dtype``, would take more than 80% of the memory available on ``device``. ``resident`` is
+    """``resident``, ``lazy`` or ``quant`` for ``mode``; ``auto`` is lazy when the file's tensors, dequantized
+    to ``dtype``, would take more than 80% of the memory available on ``device``; ``quant`` on
+    another device or dtype than CPU float32 is ``auto``. ``resident`` is
     refused (one line, before anything is allocated) when they would take more than all of it."""
     if mode not in WEIGHT_MODES:
         raise UnsupportedError(f"unknown weights mode '{mode}' (choose from {', '.join(WEIGHT_MODES)})")
-    if mode == "lazy":
+    if mode == "lazy" or (mode == "quant" and device.type == "cpu" and dtype == torch.float32):
         return mode
+    if mode == "quant":  # the fused kernel is CPU float32 only: elsewhere, as auto
+        mode = "auto"
     need = sum(_numel(i.shape) for i in f.tensor_infos.values()) * torch.empty((), dtype=dtype).element_size()
     free = available_memory(device)
     if mode == "resident" and need > free:
@@ -152,10 +157,11 @@ def available_memory(device: torch.device) -> int:
     return 1 << 62  # unknown: assume it fits
 
 
-def load_weights(model: Model, f: GGUFFile, lazy: bool = False) -> None:
+def load_weights(model: Model, f: GGUFFile, lazy: bool = False, direct: bool = False) -> None:
     """Fill every parameter of ``model`` from the GGUF tensor of the same name (see the module
     docstring). ``lazy``: ``Linear`` / ``Embedding`` weights (the matrices) keep the file's bytes
-    (:class:`~gguf_runtime.models.layers.QuantWeight`) and share one :class:`Scratch`."""
+    (:class:`~gguf_runtime.models.layers.QuantWeight`) and share one :class:`Scratch`; ``direct``:
+    their products read those bytes (``--weights quant``)."""
     where, arch = f.path.name, f.arch
     cache: dict[str, torch.Tensor] = {}  # a tied output shares the embedding's tensor
     kinds = type(model)
@@ -186,7 +192,8 @@ def load_weights(model: Model, f: GGUFFile, lazy: bool = False) -> None:
                 raw = cache.get("raw:" + src)
                 if raw is None:
                     raw = cache["raw:" + src] = as_bytes(f.raw(src), model.device)
-                mod.lazy = QuantWeight(raw, info.qtype, tuple(p.shape), model.dtype, model.scratch)
+                mod.lazy = QuantWeight(raw, info.qtype, tuple(p.shape), model.dtype, model.scratch,
+                                       direct=direct and isinstance(mod, Linear))
                 setattr(mod, pname, None)
                 if isinstance(mod, Linear):
                     mod.source = FileWeight(info.qtype.name, f, src)

@@ -6,11 +6,14 @@ model. Parameters are created on the meta device and filled by the loader; a bia
 ``optional`` is loaded when the file has it and stays ``None`` otherwise (llama.cpp's optional
 tensors).
 
-Lazy weights (``--weights lazy``): a ``Linear`` or ``Embedding`` may instead hold its weight as the
+Lazy and quant weights (``--weights lazy|quant``): a ``Linear`` or ``Embedding`` may instead hold its weight as the
 file's bytes (:class:`QuantWeight`, memory-mapped on CPU, copied once to an accelerator) and
 dequantize it right before use into a scratch buffer shared by every weight of that shape (one
 layer's worth of float memory); an embedding dequantizes only the rows it looks up. The dequant
 and the product are the ones the resident path runs, so results are ``torch.equal`` to it.
+With ``--weights quant`` a ``Linear`` instead multiplies by the bytes directly
+(:func:`gguf_runtime.kernels.qlinear`: no float copy of the weight at all, each output one
+fixed-order sum), falling back to the lazy path where that kernel does not apply.
 A matrix of more than ``2 * ROW_BLOCK`` rows (a vocabulary head: 768 MiB of float32 on a 7B model,
 twice that with its blocked copy) is dequantized and applied ``ROW_BLOCK`` output rows at a time,
 where :func:`row_blocks_exact` has found that the product computes each output column the same way
@@ -53,11 +56,14 @@ class Scratch:
 
 
 class QuantWeight:
-    """A weight kept in its GGUF type: the raw bytes (rows of whole blocks), dequantized on demand."""
+    """A weight kept in its GGUF type: the raw bytes (rows of whole blocks), dequantized on demand.
+    ``direct`` (``--weights quant``): products read the bytes themselves (:func:`kernels.qlinear`)."""
 
-    def __init__(self, raw: torch.Tensor, qtype, shape: tuple[int, ...], dtype: torch.dtype, scratch: Scratch):
+    def __init__(self, raw: torch.Tensor, qtype, shape: tuple[int, ...], dtype: torch.dtype, scratch: Scratch,
+                 direct: bool = False):
         self.raw = raw.view(shape[0], -1)  # (rows, bytes per row): quant blocks never straddle rows
         self.qtype, self.shape, self.dtype, self.scratch = qtype, tuple(shape), dtype, scratch
+        self.direct = direct
 
     def full(self) -> torch.Tensor:
         """The whole weight, in the shared scratch buffer of its shape (valid until the next use)."""
@@ -98,6 +104,10 @@ class Linear(nn.Module):
         if self.lazy is None:
             return kernels.linear(x, self.weight, self.bias, self.source)
         w = self.lazy
+        if w.direct:
+            y = kernels.qlinear(x, w.raw, w.qtype, w.shape, self.bias)
+            if y is not None:
+                return y
         if not row_blocks_exact(w.shape, w.dtype, w.raw.device):
             return kernels.linear(x, w.full(), self.bias, self.source, fresh=True)
         b = self.bias
