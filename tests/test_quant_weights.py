@@ -56,18 +56,18 @@ def _dequant(raw: np.ndarray, name: str, n: int, k: int) -> torch.Tensor:
     return torch.from_numpy(gguf_dequantize(raw, T[name]).astype(np.float32).reshape(n, k))
 
 
-def _emulate(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The kernel's documented order: LANES partial sums, lane l over k = l, l + LANES, ... with one
+def _emulate(x: torch.Tensor, w: torch.Tensor, lanes: int = LANES) -> torch.Tensor:
+    """The kernel's documented order: ``lanes`` partial sums, lane l over k = l, l + LANES, ... with one
     rounding per multiply-add (a float64 product of two floats is exact; its sum rounded to float64
     then to float32 is the fused result unless a double-rounding tie occurs, which these seeds do
     not hit), then pairwise over lanes l and l + n / 2."""
     m, k = x.shape
-    xs = x.reshape(m, 1, k // LANES, LANES).double()
-    ws = w.reshape(1, w.shape[0], k // LANES, LANES).double()
-    acc = torch.zeros(m, w.shape[0], LANES)
-    for s in range(k // LANES):
+    xs = x.reshape(m, 1, k // lanes, lanes).double()
+    ws = w.reshape(1, w.shape[0], k // lanes, lanes).double()
+    acc = torch.zeros(m, w.shape[0], lanes)
+    for s in range(k // lanes):
         acc = (acc.double() + xs[:, :, s] * ws[:, :, s]).float()
-    n = LANES // 2
+    n = lanes // 2
     while n >= 1:
         acc = acc[..., :n] + acc[..., n:2 * n]
         n //= 2
@@ -166,3 +166,42 @@ def test_quant_elsewhere_is_auto(gguf_dir):
     """The fused kernel is CPU float32: another dtype gets auto's choice."""
     m = load_model(gguf_dir / "llama-tiny-Q4_K_M.gguf", weights="quant", dtype=torch.bfloat16)
     assert m.weights == "resident"
+
+
+def _flag_ok(cc: str, flags: list[str]) -> bool:
+    import subprocess
+    return subprocess.run([cc, *flags, "-x", "c", "-c", "-o", "/dev/null", "-"], input="int x;", text=True,
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("flags", [["-mavx2", "-mfma", "-mf16c", "-fopenmp"], ["-fopenmp"]], ids=["avx2", "portable"])
+def test_other_builds_compute_the_same_order(tmp_path, flags):
+    """The library as a machine without AVX-512 builds it (8 lanes: AVX2 registers, or plain C):
+    its products are the documented order for its lane count, and its dequantization gguf-py's."""
+    import ctypes
+    import platform
+
+    cc = native._compiler()
+    if cc is None or platform.machine() not in ("x86_64", "AMD64") or not _flag_ok(cc, flags):
+        pytest.skip("needs a C compiler for x86-64 with these flags")
+    so = tmp_path / "lib.so"
+    assert native._build(cc, flags, so)
+    lib = ctypes.CDLL(str(so))
+    assert lib.qmm_lanes() == 8
+    k, n = 512, 29
+    for name in ("Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q6_K", "IQ4_XS"):
+        raw = torch.from_numpy(_weight(name, n, k, seed=3)).contiguous()
+        w = _dequant(raw.numpy(), name, n, k)
+        x = torch.randn(9, k, generator=torch.Generator().manual_seed(5))
+        fn = getattr(lib, "qmm_" + name.lower())
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                       ctypes.c_void_p, ctypes.c_int]
+        for rows in (9, 1, 3):
+            y = torch.empty(rows, n)
+            fn(raw.data_ptr(), n, k, x.data_ptr(), rows, y.data_ptr(), 2)
+            assert torch.equal(y, _emulate(x[:rows], w, lanes=8)), (name, rows)
+        dq = getattr(lib, "dq_" + name.lower())
+        dq.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+        out = torch.empty(n, k)
+        dq(raw.data_ptr(), out.data_ptr(), raw.numel() // GGML_QUANT_SIZES[T[name]][1], 1)
+        assert torch.equal(out, w), name

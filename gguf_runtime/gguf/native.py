@@ -184,7 +184,8 @@ def matmul(qtype: GGMLQuantizationType) -> Callable[[torch.Tensor, int, int, tor
     fn = getattr(lib, "qmm_" + name)
 
     def run(raw: torch.Tensor, n: int, k: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        assert raw.is_contiguous() and x.is_contiguous() and y.is_contiguous() and x.dtype == y.dtype == torch.float32
+        # the caller's contract (contiguous CPU float32 x and y, contiguous bytes): checked where
+        # the weight is set up (kernels.linear.qmatmul) and the rows made (qlinear), not per call
         fn(raw.data_ptr(), n, k, x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
 
     return run

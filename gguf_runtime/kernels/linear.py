@@ -107,25 +107,29 @@ def _ggml_linear(x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, src:
     return _linear2(ggml.round_activations(x2, src.qtype).to(x2.dtype), w, b, nx, fresh)
 
 
-def qlinear(x: torch.Tensor, raw: torch.Tensor, qtype, shape: tuple[int, int],
-            b: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``x @ W.T (+ b)`` with W ((out, in) = ``shape``) given as its GGUF bytes ``raw`` (rows of
-    blocks), read by the native fused kernel; ``None`` where it does not apply (not on CPU, x not
-    float32, ggml numerics, no native library or no kernel for the type, ``in`` not a multiple of
-    its lanes), and the caller dequantizes instead."""
+def qmatmul(qtype, raw: torch.Tensor, shape: tuple[int, int]):
+    """The native fused product for a weight of ``qtype`` held as ``raw`` (its GGUF bytes, ``shape``
+    = (out, in)), or ``None`` where it does not apply (not on CPU, no native library or no kernel
+    for the type, ``in`` not a multiple of its lanes). Resolved once per weight, at load."""
     from ..gguf import native
 
-    n, k = shape
-    if x.device.type != "cpu" or x.dtype != torch.float32 or raw.device.type != "cpu" or numerics.current().ggml:
-        return None
-    fn = native.matmul(qtype)
+    fn = native.matmul(qtype) if raw.device.type == "cpu" else None
     lanes = native.lanes() if fn is not None else 0
-    if fn is None or not lanes or k % lanes:
+    return fn if lanes and shape[1] % lanes == 0 and raw.is_contiguous() else None
+
+
+def qlinear(x: torch.Tensor, raw: torch.Tensor, kernel, shape: tuple[int, int],
+            b: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``x @ W.T (+ b)`` with W ((out, in) = ``shape``) given as its GGUF bytes ``raw``, multiplied by
+    ``kernel`` (from :func:`qmatmul`); ``None`` where that does not apply (x not float32, ggml
+    numerics), and the caller dequantizes instead."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or numerics.current().ggml:
         return None
+    n, k = shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).contiguous()
     y = x2.new_empty(x2.shape[0], n)
-    fn(raw if raw.is_contiguous() else raw.contiguous(), n, k, x2, y)
+    kernel(raw, n, k, x2, y)
     if b is not None:
         y += b
     return y.reshape(*lead, n)

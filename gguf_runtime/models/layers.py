@@ -64,6 +64,7 @@ class QuantWeight:
         self.raw = raw.view(shape[0], -1)  # (rows, bytes per row): quant blocks never straddle rows
         self.qtype, self.shape, self.dtype, self.scratch = qtype, tuple(shape), dtype, scratch
         self.direct = direct
+        self.kernel = kernels.qmatmul(qtype, self.raw, self.shape) if direct and len(shape) == 2 else None
 
     def full(self) -> torch.Tensor:
         """The whole weight, in the shared scratch buffer of its shape (valid until the next use)."""
@@ -104,8 +105,8 @@ class Linear(nn.Module):
         if self.lazy is None:
             return kernels.linear(x, self.weight, self.bias, self.source)
         w = self.lazy
-        if w.direct:
-            y = kernels.qlinear(x, w.raw, w.qtype, w.shape, self.bias)
+        if w.kernel is not None:
+            y = kernels.qlinear(x, w.raw, w.kernel, w.shape, self.bias)
             if y is not None:
                 return y
         if not row_blocks_exact(w.shape, w.dtype, w.raw.device):
