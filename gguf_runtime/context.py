@@ -70,6 +70,9 @@ class Context:
                     continue
                 hs = h[sel.to(h.device)]
                 rows = hs.float() if self.embeddings else self.model.logits(hs)
+                if len(ubatches) == 1 and rows.shape[0] == n_out and bool((ub.idx[sel][1:] > ub.idx[sel][:-1]).all()):
+                    out = rows  # one ubatch, outputs in batch order: its rows as they are, no copy
+                    break
                 if out is None:
                     out = rows.new_empty(n_out, rows.shape[-1])
                 out[torch.searchsorted(self._out_idx, ub.idx[sel]).to(out.device)] = rows

@@ -139,3 +139,20 @@ def test_cli_ggml_numerics_and_cache_types(gguf_dir, wikitext, tmp_path):
     assert "ggml numerics: activations rounded" in runs["ggml"].stderr
     assert ppl["ggml"] != ppl["plain"] and ppl["ggml"] == pytest.approx(ppl["plain"], rel=2e-3)
     assert ppl["f16kv"] == pytest.approx(ppl["plain"], rel=2e-4)
+
+
+def test_token_nll_does_not_depend_on_the_other_rows():
+    """A row's -log p is the same scored alone, among others, or picked with ``rows=`` (the tasks
+    score each decode's rows together, whoever their neighbours are); and it is llama.cpp's formula,
+    checked against float64 log-softmax. An odd vocabulary (GPT-2's 50,257) puts elements in
+    exp's scalar tail and single rows on both threads unless the pieces are shaped alike."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(70, 50257, generator=g) * 4
+    targets = torch.randint(0, 50257, (70,), generator=g)
+    all_rows = token_nll(logits, targets)  # a piece of 64 rows, then one of 6
+    for i in (0, 33, 64, 69):  # (unpadded pieces gave row 69 other bits alone than among the 6)
+        assert torch.equal(token_nll(logits[i:i + 1], targets[i:i + 1]), all_rows[i:i + 1])
+    pick = torch.tensor([69, 5, 5, 64, 0])
+    assert torch.equal(token_nll(logits, targets[pick], rows=pick), all_rows[pick])
+    ref = -torch.log_softmax(logits.double(), -1).gather(-1, targets.view(-1, 1)).squeeze(-1)
+    assert (all_rows - ref).abs().max() < 1e-5

@@ -171,4 +171,4 @@ class Model(BaseModel):
         return self.output_norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return kernels.softcap(self.output(h).float(), self.args.final_softcap)
+        return kernels.softcap_(self.output(h).float(), self.args.final_softcap)  # a fresh tensor: in place

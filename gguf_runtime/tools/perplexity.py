@@ -27,9 +27,11 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .. import kernels
 from ..batch import Batch
 from ..context import Context
 from ..errors import BatchError
+from ..kernels.linear import pad_dim
 from .distributed import Dist, Runner
 
 ChunkHook = Callable[[int, torch.Tensor, torch.Tensor], None]  # (chunk index, logits (n, V), targets (n,))
@@ -129,16 +131,29 @@ def chunk_logits(ctx: Context, tokens: torch.Tensor, n_ctx: int, n_batch: int, n
             yield c, logits[s, :-1], tokens[start + first + 1:start + n_ctx]
 
 
-def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def token_nll(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """-log p(target) per row in float64, computed as llama.cpp does: float32 differences to the
-    row max, exponentials summed in double."""
+    row max, exponentials summed in double. ``rows``: score ``logits[rows]`` (without gathering them
+    all: a 262k vocabulary makes every row 1 MiB).
+
+    Rows are taken ``_NLL_ROWS`` at a time, the last piece padded with zero rows, and exponentiated
+    lane-wise (``kernels.exp``): every piece has the same shape and every element goes through the
+    same code, so a row's value does not depend on which rows share the call (a lone row's sum
+    would otherwise be split across threads, in another order)."""
+    n = targets.numel() if rows is None else rows.numel()
     targets = targets.to(logits.device).view(-1, 1)
+    if rows is not None:
+        rows = rows.to(logits.device)
     out = []
-    for r in range(0, logits.shape[0], _NLL_ROWS):  # rows at a time: a 262k vocabulary's temporaries stay small
-        x = logits[r:r + _NLL_ROWS].float()
+    for r in range(0, n, _NLL_ROWS):  # rows at a time: a 262k vocabulary's temporaries stay small
+        x = (logits[r:r + _NLL_ROWS] if rows is None else logits.index_select(0, rows[r:r + _NLL_ROWS])).float()
+        t = targets[r:r + _NLL_ROWS]
+        k = x.shape[0]
+        if k < _NLL_ROWS:
+            x, t = pad_dim(x, _NLL_ROWS, 0), pad_dim(t, _NLL_ROWS, 0)
         d = x - x.amax(-1, keepdim=True)
-        lse = torch.exp(d).double().sum(-1).log()
-        out.append(lse - d.gather(-1, targets[r:r + _NLL_ROWS]).squeeze(-1).double())
+        lse = kernels.exp(d).double().sum(-1).log()
+        out.append((lse - d.gather(-1, t).squeeze(-1).double())[:k])
     return torch.cat(out) if len(out) != 1 else out[0]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -24,6 +24,9 @@ class _Item:
     seqs: list[list[int]]
     cp: int  # tokens common to all sequences
     all_outputs: bool  # logits for every ending token (WinoGrande) or all but the last
+    # (row, target): the log-probs its score reads. Rows are numbered in llama.cpp's order: 0 is the
+    # common prefix's last token, then each sequence's tokens from the prefix on (all, or all but the last)
+    wants: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def required(self) -> int:
@@ -46,19 +49,37 @@ def make_task_context(model, n_ctx: int = 512, n_batch: int = 2048, n_ubatch: in
     return Context(model, n_ctx=cells, n_batch=min(n_batch, cells), n_ubatch=n_ubatch, n_seq_max=max_seqs)
 
 
-def _decode_chunked(ctx: Context, toks: list[int], pos: list[int], sids: list[int], outs: list[bool],
-                    rows: list[torch.Tensor]) -> None:
-    for a in range(0, len(toks), ctx.n_batch):
-        b = a + ctx.n_batch
+_Req = tuple[int, int, int, int]  # (output index in the decode, item in the group, slot in its wants, target)
+
+
+def _decode_scored(ctx: Context, toks: list[int], pos: list[int], sids: list[int], outs: list[bool],
+                   reqs: list[_Req], lps: list[np.ndarray]) -> None:
+    """Decodes in pieces of one ubatch; after each, the log-probs ``reqs`` ask of its output rows go
+    to ``lps[item][slot]`` and its logits are dropped (a 262k vocabulary makes every row 1 MiB:
+    keeping a round's rows, or gathering them, cost more time in copies than the model). One
+    ubatch a decode: the context then hands over the head's output as it is, with no copy into a
+    batch-sized buffer (the results are the same for any split: batch invariance)."""
+    reqs = sorted(reqs)
+    o, r = 0, 0
+    for a in range(0, len(toks), ctx.n_ubatch):
+        b = a + ctx.n_ubatch
+        n_out = sum(outs[a:b])
         ctx.decode(Batch(toks[a:b], pos[a:b], [(s,) for s in sids[a:b]], outs[a:b]))
-        if any(outs[a:b]):
-            rows.append(ctx.get_logits())
+        mine = []
+        while r < len(reqs) and reqs[r][0] < o + n_out:
+            mine.append(reqs[r])
+            r += 1
+        if mine:
+            rows = torch.tensor([g - o for g, _, _, _ in mine])
+            v = (-token_nll(ctx.get_logits(), torch.tensor([t for *_, t in mine]), rows=rows)).cpu().numpy()
+            for (_, k, slot, _), x in zip(mine, v):
+                lps[k][slot] = x
+        o += n_out
 
 
-def decode_items(ctx: Context, items: Sequence[_Item], on_group: Callable[[int, int, list[torch.Tensor]], None]) -> None:
-    """Decodes items packed into as few rounds as fit; calls ``on_group(i0, i1, logits)`` with, for
-    each item, its logits in llama.cpp's order: the common prefix's last token, then each sequence's
-    tokens from the prefix on (all, or all but the last)."""
+def decode_items(ctx: Context, items: Sequence[_Item], on_group: Callable[[int, int, list[np.ndarray]], None]) -> None:
+    """Decodes items packed into as few rounds as fit; calls ``on_group(i0, i1, logprobs)`` with, for
+    each item, the float64 log-probs of its ``wants``, in that order."""
     i0 = 0
     while i0 < len(items):
         i1, n_cur, n_seq = i0, 0, 0
@@ -81,57 +102,52 @@ def decode_items(ctx: Context, items: Sequence[_Item], on_group: Callable[[int, 
             pos += range(it.cp)
             sids += [s0] * it.cp
             outs += [False] * (it.cp - 1) + [True]
-        prefix_rows: list[torch.Tensor] = []
-        _decode_chunked(ctx, toks, pos, sids, outs, prefix_rows)
-        prefix = torch.cat(prefix_rows)
+        lps = [np.full(len(it.wants), np.nan) for it in group]
+        # row 0 of item k is the prefix decode's output k; row j > 0, the ending decode's output
+        # (the item's first ending output) + j - 1
+        counts = [sum(len(seq) - it.cp if it.all_outputs else max(len(seq) - it.cp - 1, 0) for seq in it.seqs)
+                  for it in group]
+        first = np.cumsum([0] + counts).tolist()
+        pre = [(k, k, slot, t) for k, it in enumerate(group) for slot, (row, t) in enumerate(it.wants) if row == 0]
+        end = [(first[k] + row - 1, k, slot, t) for k, it in enumerate(group)
+               for slot, (row, t) in enumerate(it.wants) if row > 0]
+        _decode_scored(ctx, toks, pos, sids, outs, pre, lps)
         for it, s0 in zip(group, base):
             for s in range(1, len(it.seqs)):
                 ctx.memory.seq_cp(s0, s0 + s, -1, -1)
         toks, pos, sids, outs = [], [], [], []
-        counts = []
         for it, s0 in zip(group, base):
-            n = 0
             for s, seq in enumerate(it.seqs):
                 m = len(seq) - it.cp
                 toks += seq[it.cp:]
                 pos += range(it.cp, len(seq))
                 sids += [s0 + s] * m
-                o = [True] * m if it.all_outputs else [True] * (m - 1) + [False] * min(m, 1)
-                outs += o
-                n += sum(o)
-            counts.append(n)
-        end_rows: list[torch.Tensor] = []
+                outs += [True] * m if it.all_outputs else [True] * (m - 1) + [False] * min(m, 1)
         if toks:
-            _decode_chunked(ctx, toks, pos, sids, outs, end_rows)
-        ends = torch.cat(end_rows) if end_rows else prefix[:0]
-        offs = np.cumsum([0] + counts).tolist()
-        on_group(i0, i1, [torch.cat([prefix[k:k + 1], ends[offs[k]:offs[k + 1]]]) for k in range(len(group))])
+            _decode_scored(ctx, toks, pos, sids, outs, end, lps)
+        on_group(i0, i1, lps)
         i0 = i1
 
 
-def _logprobs(logits: torch.Tensor, rows: list[int], targets: list[int]) -> np.ndarray:
-    if not rows:
-        return np.zeros(0)
-    r = torch.tensor(rows, device=logits.device)
-    return (-token_nll(logits[r], torch.tensor(targets))).cpu().numpy()
-
-
-def _mean_ending_logprobs(logits: torch.Tensor, it: _Item) -> list[float]:
-    """HellaSwag / multiple choice: per sequence, the mean log-prob of its tokens from the prefix on."""
-    rows, targets, owner = [], [], []
+def _ending_wants(it: _Item) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """HellaSwag / multiple choice: every token of every sequence from the prefix on, as (row,
+    target) pairs, and the sequence each belongs to."""
+    wants, owner = [], []
     li = 1
     for s, seq in enumerate(it.seqs):
-        rows.append(0)
-        targets.append(seq[it.cp])
+        wants.append((0, seq[it.cp]))
         owner.append(s)
         for j in range(it.cp, len(seq) - 1):
-            rows.append(li)
-            targets.append(seq[j + 1])
+            wants.append((li, seq[j + 1]))
             owner.append(s)
             li += 1
-    lp = _logprobs(logits, rows, targets)
-    owner_a = np.array(owner)
-    return [float(lp[owner_a == s].mean()) for s in range(len(it.seqs))]
+    return wants, np.array(owner)
+
+
+def _mean_ending_logprobs(lp: np.ndarray, it: _Item) -> list[float]:
+    """Per sequence, the mean log-prob of its tokens from the prefix on (``lp``: of ``_ending_wants``)."""
+    owner = _ending_wants(it)[1]
+    return [float(lp[owner == s].mean()) for s in range(len(it.seqs))]
 
 
 def _check_prefix(items: list[_Item], what: str) -> None:
@@ -182,9 +198,9 @@ def _argmax_first(v: Sequence[float]) -> int:
     return best
 
 
-def each_item(ctx: Context, items: Sequence[_Item], score: Callable[[int, torch.Tensor], object],
+def each_item(ctx: Context, items: Sequence[_Item], score: Callable[[int, np.ndarray], object],
               runner: Runner | None = None, progress: Progress | None = None) -> Iterator[tuple[int, object]]:
-    """``(k, score(k, logits_k))`` for every item in order: items are decoded a round at a time
+    """``(k, score(k, logprobs_k))`` for every item in order (the log-probs of its ``wants``): items are decoded a round at a time
     (:meth:`~gguf_runtime.tools.distributed.Runner.iterate`: shared among torchrun's ranks and/or
     resumed from a log), packed into the context as many at a time as fit. An item's logits do not
     depend on its neighbours (batch invariance), so neither do the scores."""
@@ -194,9 +210,9 @@ def each_item(ctx: Context, items: Sequence[_Item], score: Callable[[int, torch.
         sub = [items[i] for i in ids]
         out: dict[int, object] = {}
 
-        def on_group(i0, i1, logits):
+        def on_group(i0, i1, lps):
             for j in range(i0, i1):
-                out[j] = score(ids[j], logits[j - i0])
+                out[j] = score(ids[j], lps[j - i0])
         decode_items(ctx, sub, on_group)
         return [out[j] for j in range(len(sub))]
 
@@ -215,6 +231,8 @@ def _score_endings(ctx: Context, tokenizer, prompts: Sequence[tuple[str, Sequenc
     for it in items:
         it.cp = common_prefix(it.seqs)
     _check_prefix(items, what)
+    for it in items:
+        it.wants = _ending_wants(it)[0]
     res = ChoiceResult(len(items), 0, [], [])
     t0 = time.perf_counter()
 
@@ -278,10 +296,11 @@ def winogrande(ctx: Context, tokenizer, tasks: Sequence[WinograndeTask], emit: E
     res = ChoiceResult(len(tasks), 0, [], [])
     t0 = time.perf_counter()
 
-    def score(k: int, logits: torch.Tensor) -> list[float]:
-        (s0, s1), cp = items[k].seqs, items[k].cp
+    spans = []  # per task and choice: (first slot in the task's wants, token count n)
+    for k, it in enumerate(items):
+        (s0, s1), cp = it.seqs, it.cp
         skip = len(s0) - cp > k_min_trailing and len(s1) - cp > k_min_trailing
-        scores = []
+        spans.append([])
         for c, seq in enumerate((s0, s1)):
             nb = bases[k][c] if skip else cp
             last = 1 if len(seq) - nb > 1 else 0
@@ -289,9 +308,14 @@ def winogrande(ctx: Context, tokenizer, tasks: Sequence[WinograndeTask], emit: E
             # second sequence llama.cpp starts one row early when the choice is not skipped
             li = nb - cp if c == 0 else len(s0) - cp + nb - cp
             js = list(range(nb - 1, len(seq) - 1 - last))
-            lp = _logprobs(logits, list(range(li, li + len(js))), [seq[j + 1] for j in js])
-            n = len(seq) - nb - last
-            scores.append(float(np.float32(lp.astype(np.float32).sum(dtype=np.float32)) / np.float32(n)) if n else float("nan"))
+            spans[k].append((len(it.wants), len(js), len(seq) - nb - last))
+            it.wants += [(li + i, seq[j + 1]) for i, j in enumerate(js)]
+
+    def score(k: int, lp: np.ndarray) -> list[float]:
+        scores = []
+        for a, m, n in spans[k]:
+            part = lp[a:a + m]
+            scores.append(float(np.float32(part.astype(np.float32).sum(dtype=np.float32)) / np.float32(n)) if n else float("nan"))
         return scores
 
     for k, scores in each_item(ctx, items, score, runner, progress):
