@@ -6,7 +6,11 @@ f32). The two modes alternate round by round; each figure is the best of ``--rep
 shared machine interference only ever adds time). Prints a markdown table of ms per step and the
 invariant/fast ratio.
 
-    python benchmarks/invariance.py [--threads 2] [--reps 5] [--cpu-time]
+    python benchmarks/invariance.py [--threads 2] [--reps 5] [--cpu-time] [--weights resident,quant]
+
+``--weights``: the weights modes to measure (``quant``: the fused kernel on the file's blocks,
+invariant by construction, so its cost is attention's and the norms' alone). OpenMP waits as the
+CLI's do (``threads.set_wait_policy``).
 """
 from __future__ import annotations
 
@@ -14,7 +18,11 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
+from gguf_runtime.threads import set_wait_policy
+
+set_wait_policy()  # before torch starts its threads, as the CLI does
+
+import torch  # noqa: E402
 
 from gguf_runtime import fixtures, numerics
 from gguf_runtime.kernels import calibrate
@@ -77,6 +85,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--weights", default="resident", help="comma-separated weights modes (resident, quant, lazy)")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time by this thread's CPU time (use with --threads 1): steady on a shared machine")
     a = ap.parse_args()
@@ -93,14 +102,15 @@ def main():
         print(f"(skipping SmolLM2: {e})")
     print(f"threads={a.threads} device={a.device or 'default'} clock={'thread CPU' if a.cpu_time else 'wall'} "
           f"self-test={calibrate.report()}")
-    print("| model | workload | invariant ms/step | fast ms/step | cost |")
-    print("|---|---|---:|---:|---:|")
+    print("| model | weights | workload | invariant ms/step | fast ms/step | cost |")
+    print("|---|---|---|---:|---:|---:|")
     for name, path in models:
-        m = load_model(Path(path), device=a.device)
-        res = bench(m, a.reps, m.args.n_vocab)
-        for w in ("prefill 512", "decode batch 1", "decode batch 64"):
-            inv, fast = res[(w, True)] * 1e3, res[(w, False)] * 1e3
-            print(f"| {name} | {w} | {inv:.2f} | {fast:.2f} | {100 * (inv / fast - 1):+.0f}% |")
+        for mode in a.weights.split(","):
+            m = load_model(Path(path), device=a.device, weights=mode)
+            res = bench(m, a.reps, m.args.n_vocab)
+            for w in ("prefill 512", "decode batch 1", "decode batch 64"):
+                inv, fast = res[(w, True)] * 1e3, res[(w, False)] * 1e3
+                print(f"| {name} | {m.weights} | {w} | {inv:.2f} | {fast:.2f} | {100 * (inv / fast - 1):+.0f}% |")
 
 
 if __name__ == "__main__":

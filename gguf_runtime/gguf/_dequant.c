@@ -774,8 +774,124 @@ void qmm_f32(const uint8_t *w, int64_t N, int64_t K, const float *x, int64_t M, 
     qmm_panels(w, K * 4, N, K, x, M, y, nt, NULL);
 }
 
+/* ---- attention over fixed-order sums ---------------------------------------------------------
+ *
+ * attn_f32(q, kT, v, mask, B, H, HKV, NQ, NKV, D, DV, scale, cap, out, nt): for every group b,
+ * head h (KV head h / (H / HKV)) and query i, softmax(scale * q . k) @ v over the keys the mask
+ * shows, into out (B, NQ, H, DV). q (B, H, NQ, D), kT (B, HKV, D, NKV) (keys transposed), v (B,
+ * HKV, NKV, DV), mask (B, NQ, NKV) bytes, all contiguous float32; NKV a multiple of 16.
+ *
+ * One fixed order per query, whatever else is in the call: a score is the fused multiply-adds of
+ * q . k in increasing d; the row sum keeps 16 partial sums, key j in lane j mod 16 (keys come in
+ * blocks aligned to their rank in the sequence, so a key keeps its lane), block after block, then
+ * the pairwise tree; p @ v adds key after key. Blocks with no visible key are skipped and hidden
+ * keys add exact zeros, so neither how many blocks the call holds, nor where they start, nor which
+ * queries and groups share it changes a bit. exp is one polynomial (vexp) in plain float
+ * operations, the same code for every lane. Written without intrinsics: whatever the compiler
+ * vectorises computes the same IEEE operations (fmaf is one rounding either way). */
+#define AB 16 /* keys per block: the row sum's lanes */
+#define EXP_FLOOR 1.8048513878454153e-35f /* just above exp(-80) (kernels.attention's _EXP_FLOOR) */
+
+static inline float vexp(float x) { /* x in [-80, 0]: Cephes' expf polynomial, 2^n built exactly */
+    const float n = rintf(x * 1.44269504088896341f);
+    float r = fmaf(n, -0.693359375f, x);
+    r = fmaf(n, 2.12194440e-4f, r);
+    float p = 1.9875691500e-4f;
+    p = fmaf(p, r, 1.3981999507e-3f);
+    p = fmaf(p, r, 8.3334519073e-3f);
+    p = fmaf(p, r, 4.1665795894e-2f);
+    p = fmaf(p, r, 1.6666665459e-1f);
+    p = fmaf(p, r, 5.0000001201e-1f);
+    const float y = fmaf(p, r * r, r) + 1.0f;
+    const uint32_t e = (uint32_t)((int32_t)n + 127) << 23;
+    return y * from_bits(e);
+}
+
+static inline float ab_sum(const float *a) {
+    float t[AB];
+    memcpy(t, a, sizeof t);
+    for (int n = AB / 2; n >= 1; n /= 2)
+        for (int l = 0; l < n; l++) t[l] = t[l] + t[l + n];
+    return t[0];
+}
+
+void attn_f32(const float *restrict q, const float *restrict kT, const float *restrict v, const uint8_t *restrict mask,
+              int64_t B, int64_t H, int64_t HKV, int64_t NQ, int64_t NKV, int64_t D, int64_t DV,
+              float scale, float cap, float *restrict out, int nt) {
+    const int64_t g = H / HKV, items = B * HKV * NQ, nb = NKV / AB;
+    (void)nt;
+    OMP(parallel num_threads(nt) if(nt > 1 && items > 1)) {
+        float *sc = aligned_alloc(64, (size_t)(NKV * 4 + 63) / 64 * 64);
+        float *o = aligned_alloc(64, (size_t)(DV * 4 + 63) / 64 * 64);
+        uint8_t *seen = malloc((size_t)nb + 1);
+        OMP(for schedule(dynamic, 4))
+        for (int64_t it = 0; it < items; it++) {
+            const int64_t b = it / (HKV * NQ), kvh = (it / NQ) % HKV, i = it % NQ;
+            const uint8_t *mi = mask + (b * NQ + i) * NKV;
+            const float *kt = kT + (b * HKV + kvh) * D * NKV, *vv = v + (b * HKV + kvh) * NKV * DV;
+            int any = 0;
+            for (int64_t jb = 0; jb < nb; jb++) {
+                int s = 0;
+                for (int l = 0; l < AB; l++) s |= mi[jb * AB + l];
+                seen[jb] = (uint8_t)(s != 0);
+                any |= s;
+            }
+            for (int64_t t = 0; t < g; t++) {
+                const int64_t hh = kvh * g + t;
+                const float *qi = q + ((b * H + hh) * NQ + i) * D;
+                float *oi = out + ((b * NQ + i) * H + hh) * DV;
+                if (!any) {
+                    memset(oi, 0, (size_t)DV * 4);
+                    continue;
+                }
+                float mx = -INFINITY;
+                for (int64_t jb = 0; jb < nb; jb++) {
+                    if (!seen[jb]) continue;
+                    float acc[AB] __attribute__((aligned(64))) = {0};
+                    const float *kb = kt + jb * AB;
+                    for (int64_t dd = 0; dd < D; dd++) {
+                        const float qd = qi[dd];
+                        for (int l = 0; l < AB; l++) acc[l] = fmaf(qd, kb[dd * NKV + l], acc[l]);
+                    }
+                    for (int l = 0; l < AB; l++) {
+                        float s = acc[l] * scale;
+                        if (cap != 0.0f) s = cap * tanhf(s / cap);
+                        s = mi[jb * AB + l] ? s : -INFINITY;
+                        sc[jb * AB + l] = s;
+                        mx = s > mx ? s : mx;
+                    }
+                }
+                float lv[AB] __attribute__((aligned(64))) = {0};
+                memset(o, 0, (size_t)DV * 4);
+                for (int64_t jb = 0; jb < nb; jb++) {
+                    if (!seen[jb]) continue;
+                    float p[AB] __attribute__((aligned(64)));
+                    for (int l = 0; l < AB; l++) {
+                        const float x = sc[jb * AB + l] - mx;
+                        const float e = vexp(x > -80.0f ? x : -80.0f);
+                        p[l] = e <= EXP_FLOOR ? 0.0f : e;
+                        lv[l] += p[l];
+                    }
+                    for (int l = 0; l < AB; l++) {
+                        if (p[l] == 0.0f) continue;
+                        const float *vj = vv + (jb * AB + l) * DV;
+                        const float pl = p[l];
+                        for (int64_t e = 0; e < DV; e++) o[e] = fmaf(pl, vj[e], o[e]);
+                    }
+                }
+                float l = ab_sum(lv);
+                l = l > 1e-30f ? l : 1e-30f;
+                for (int64_t e = 0; e < DV; e++) oi[e] = o[e] / l;
+            }
+        }
+        free(sc);
+        free(o);
+        free(seen);
+    }
+}
+
 /* The ABI version Python checks after loading (bump when a signature changes). */
-int dq_abi(void) { return 4; }
+int dq_abi(void) { return 5; }
 
 /* partial sums per output of qmm (K must be a multiple) */
 int qmm_lanes(void) { return QL; }

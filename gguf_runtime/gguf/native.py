@@ -14,7 +14,8 @@ processes only load it. Blocks are split over ``torch.get_num_threads()`` thread
 computed alone, so the thread count never changes a result.
 
 ``matmul(qtype)`` returns the fused dequantize-and-multiply of the same library (``qmm_<type>``:
-``--weights quant``), ``lanes()`` its partial sums per output.
+``--weights quant``), ``lanes()`` its partial sums per output; ``attention()`` its fixed-order
+attention (``kernels.attention``'s CPU float32 path).
 
 ``GGUF_RUNTIME_NATIVE=0`` turns the native path off (the torch kernels of ``dequant`` run instead).
 No compiler, a failed build or a library that does not load also leaves the torch kernels in
@@ -42,7 +43,7 @@ T = GGMLQuantizationType
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("_dequant.c")
-ABI = 4
+ABI = 5
 TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL, T.MXFP4, T.NVFP4,
          T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS, T.TQ1_0, T.TQ2_0,
          T.IQ3_XXS, T.IQ3_S, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M)
@@ -149,6 +150,9 @@ def library() -> ctypes.CDLL | None:
             fn = getattr(lib, "dq_" + t.name.lower())
             fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
             fn.restype = None
+        lib.attn_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 7 + [ctypes.c_float] * 2 + [
+            ctypes.c_void_p, ctypes.c_int]
+        lib.attn_f32.restype = None
         for name in QMM_TYPES.values():
             fn = getattr(lib, "qmm_" + name)
             fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
@@ -187,6 +191,25 @@ def matmul(qtype: GGMLQuantizationType) -> Callable[[torch.Tensor, int, int, tor
         # the caller's contract (contiguous CPU float32 x and y, contiguous bytes): checked where
         # the weight is set up (kernels.linear.qmatmul) and the rows made (qlinear), not per call
         fn(raw.data_ptr(), n, k, x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
+
+    return run
+
+
+def attention() -> Callable[..., None] | None:
+    """The library's fixed-order attention (``attn_f32``, see the C file) as ``fn(q, kT, v, mask,
+    scale, cap, out)`` on contiguous CPU float32 tensors (mask: bool), or ``None`` when unavailable."""
+    if not enabled():
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    fn = lib.attn_f32
+
+    def run(q, kT, v, mask, scale: float, cap: float, out) -> None:
+        B, H, NQ, D = q.shape
+        HKV, NKV, DV = v.shape[1], v.shape[2], v.shape[3]
+        fn(q.data_ptr(), kT.data_ptr(), v.data_ptr(), mask.data_ptr(), B, H, HKV, NQ, NKV, D, DV,
+           float(scale), float(cap), out.data_ptr(), torch.get_num_threads())
 
     return run
 

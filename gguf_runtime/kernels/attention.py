@@ -1,7 +1,10 @@
 """Attention over fixed key blocks in a fixed order: a query's result depends only on its own keys.
 
 Memory views (:mod:`gguf_runtime.memory`) call :func:`attention` behind ``attend``; models never
-call it directly.
+call it directly. On CPU in float32 the invariant path is the native kernel (``attn_f32`` in
+``gguf/_dequant.c``: per query one fixed order over its visible keys only, blocks of 16 keys tied
+to their rank); elsewhere, or without the library, the torch kernel below, which reaches the same
+guarantee with fixed 64-key blocks, padded rows and a tree of block partials.
 """
 from __future__ import annotations
 
@@ -64,6 +67,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         else:
             o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=m4, scale=scale)
         return o.transpose(1, 2).to(out_dtype)
+    if q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32:
+        fn = _native()
+        if fn is not None:
+            return _native_attention(fn, q, k, v, mask, scale, softcap)
     KV = KV_BLOCK
     nb = max(1, -(-nkv // KV))
     derived = _MASKS.get(mask)  # the layers of a ubatch share one mask: derive its pieces once
@@ -150,6 +157,32 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if hm:
         out = out.transpose(0, 1)
     return out.reshape(B, h, nq, dv).transpose(1, 2).to(out_dtype)
+
+
+_NATIVE: list = []
+
+
+def _native():
+    """The native kernel (resolved once per process; ``None`` without the library)."""
+    if not _NATIVE:
+        from ..gguf import native
+
+        _NATIVE.append(native.attention())
+    return _NATIVE[0]
+
+
+def _native_attention(fn, q, k, v, mask, scale: float, softcap: float) -> torch.Tensor:
+    """The C kernel (``attn_f32`` in ``gguf/_dequant.c``): per query one fixed order over its
+    visible keys only (lanes tied to a key's rank mod 16 in its block-aligned list), so it meets
+    the same invariance argument with no padding of rows and no per-block products."""
+    B, h, nq, d = q.shape
+    nkv = k.shape[2]
+    pad = (-nkv) % 16
+    if pad:
+        k, v, mask = pad_dim(k, nkv + pad, 2), pad_dim(v, nkv + pad, 2), pad_dim(mask, nkv + pad, 2)
+    out = torch.empty(B, nq, h, v.shape[3], dtype=torch.float32)
+    fn(q.contiguous(), k.transpose(-1, -2).contiguous(), v.contiguous(), mask.contiguous(), scale, softcap, out)
+    return out
 
 
 def _fold_sum(t: torch.Tensor, dim: int) -> torch.Tensor:

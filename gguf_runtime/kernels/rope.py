@@ -35,22 +35,33 @@ def rope_freqs(dim: int, base: float, scaling: dict | None = None) -> tuple[torc
     return inv.float(), mscale
 
 
-def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, neox: bool, freq_factors: torch.Tensor | None = None,
-         mscale: float = 1.0, ggml_theta: tuple[float, float] | None = None) -> torch.Tensor:
-    """Rotate x (n, heads, d_rot...) at integer positions ``pos`` (n,). Normal (GPT-J/llama.cpp
-    'norm') rotates adjacent pairs; NeoX rotates halves. Angles in float32 as ggml computes them."""
+def rope_angles(pos: torch.Tensor, inv_freq: torch.Tensor, device, freq_factors: torch.Tensor | None = None,
+                mscale: float = 1.0, ggml_theta: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)``, each (n, 1, d_rot/2), of positions ``pos`` (n,): angles in float32 as ggml
+    computes them (its recurrence under ggml numerics), times ``mscale``."""
     d = inv_freq.numel() * 2
-    xr, xp = x[..., :d], x[..., d:]
-    inv = inv_freq.to(x.device)
+    inv = inv_freq.to(device)
     if freq_factors is not None:
-        inv = inv / freq_factors.to(x.device)
+        inv = inv / freq_factors.to(device)
     if ggml_theta is not None and numerics.current().ggml:  # (base, freq_scale): ggml's angle recurrence
-        theta = ggml.rope_theta(pos.to(x.device), d // 2, ggml_theta[0], ggml_theta[1], freq_factors)
+        theta = ggml.rope_theta(pos.to(device), d // 2, ggml_theta[0], ggml_theta[1], freq_factors)
     else:
-        theta = pos.to(x.device, torch.float32).unsqueeze(-1) * inv  # (n, d/2)
+        theta = pos.to(device, torch.float32).unsqueeze(-1) * inv  # (n, d/2)
     cos, sin = theta.cos().unsqueeze(1), theta.sin().unsqueeze(1)
     if mscale != 1.0:
         cos, sin = cos * mscale, sin * mscale
+    return cos, sin
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, neox: bool, freq_factors: torch.Tensor | None = None,
+         mscale: float = 1.0, ggml_theta: tuple[float, float] | None = None,
+         angles: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Rotate x (n, heads, d_rot...) at integer positions ``pos`` (n,). Normal (GPT-J/llama.cpp
+    'norm') rotates adjacent pairs; NeoX rotates halves. ``angles``: :func:`rope_angles` of these
+    arguments, already computed (a ubatch's layers share them)."""
+    d = inv_freq.numel() * 2
+    xr, xp = x[..., :d], x[..., d:]
+    cos, sin = angles or rope_angles(pos, inv_freq, x.device, freq_factors, mscale, ggml_theta)
     xf = xr.float()
     if neox:
         a, b = xf[..., : d // 2], xf[..., d // 2:]
@@ -76,9 +87,17 @@ class Rotary:
         kind = (scaling or {}).get("type") or "none"
         scale = {"none": 1.0, "linear": 1.0 / (scaling or {}).get("factor", 1.0)}.get(kind)
         self.ggml = None if scale is None else (base, scale)
+        self._last = None  # (positions, (ggml numerics, device), angles) of the last call
 
     def __call__(self, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return rope(t, pos, self.inv, self.neox, self.freq_factors, self.mscale, self.ggml)
+        ggml_mode = self.ggml is not None and numerics.current().ggml
+        last = self._last
+        if last is None or last[0] is not pos or last[1] != (ggml_mode, t.device):
+            # a ubatch's positions are one tensor that every layer's q and k rotate by: the angles
+            # once per ubatch, not twice per layer (the same values)
+            last = self._last = (pos, (ggml_mode, t.device),
+                                 rope_angles(pos, self.inv, t.device, self.freq_factors, self.mscale, self.ggml))
+        return rope(t, pos, self.inv, self.neox, self.freq_factors, self.mscale, self.ggml, angles=last[2])
 
     def shift(self, k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return rope(k, delta, self.inv, self.neox, self.freq_factors)
