@@ -128,12 +128,14 @@ def command(
     sys.stdout.flush()
     if eog is not None:
         print(f"generate: end-of-generation token {eog} after {len(out)} of -n {n_predict} tokens", file=sys.stderr)
-    pe = (t_first or t1) - t0
-    ge = t1 - (t_first or t1)
-    print(f"prompt eval time = {pe * 1e3:10.2f} ms / {n_eval:5d} tokens ({pe * 1e3 / max(1, n_eval):8.2f} ms per token, "
-          f"{n_eval / pe if pe else 0:8.2f} tokens per second)", file=sys.stderr)
-    n_gen = max(0, len(out) - 1)
-    print(f"       eval time = {ge * 1e3:10.2f} ms / {n_gen:5d} runs   ({ge * 1e3 / max(1, n_gen):8.2f} ms per token, "
+    _timings((t_first or t1) - t0, n_eval, t1 - (t_first or t1), max(0, len(out) - 1), "runs  ")
+
+
+def _timings(pe: float, n_prompt: int, ge: float, n_gen: int, unit: str) -> None:
+    """llama.cpp's ``prompt eval time`` and ``eval time`` lines (seconds and counts of each phase)."""
+    print(f"prompt eval time = {pe * 1e3:10.2f} ms / {n_prompt:5d} tokens ({pe * 1e3 / max(1, n_prompt):8.2f} ms per token, "
+          f"{n_prompt / pe if pe else 0:8.2f} tokens per second)", file=sys.stderr)
+    print(f"       eval time = {ge * 1e3:10.2f} ms / {n_gen:5d} {unit} ({ge * 1e3 / max(1, n_gen):8.2f} ms per token, "
           f"{n_gen / ge if ge else 0:8.2f} tokens per second)", file=sys.stderr)
 
 
@@ -166,13 +168,8 @@ def _parallel(ctx, tok, prompt: str, ids: list[int], n_predict: int, samplers) -
     for s in sorted(eog):
         print(f"generate: sequence {s}: end-of-generation token {eog[s]} after {len(outs[s])} of -n {n_predict} tokens",
               file=sys.stderr)
-    pe = (t_first or t1) - t0
-    ge = t1 - (t_first or t1)
     n_gen = sum(map(len, outs))
-    print(f"prompt eval time = {pe * 1e3:10.2f} ms / {len(ids):5d} tokens ({pe * 1e3 / max(1, len(ids)):8.2f} ms per token, "
-          f"{len(ids) / pe if pe else 0:8.2f} tokens per second)", file=sys.stderr)
-    print(f"       eval time = {ge * 1e3:10.2f} ms / {n_dec:5d} tokens ({ge * 1e3 / max(1, n_dec):8.2f} ms per token, "
-          f"{n_dec / ge if ge else 0:8.2f} tokens per second)", file=sys.stderr)
+    _timings((t_first or t1) - t0, len(ids), t1 - (t_first or t1), n_dec, "tokens")
     print(f"parallel: {n} sequences, {n_steps} batched steps, {n_gen} tokens generated; "
           f"Total gen tokens: {n_gen:6d}, speed: {n_gen / (t1 - t0) if t1 > t0 else 0:8.2f} t/s (prompt included)",
           file=sys.stderr)
