@@ -13,7 +13,11 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
+from gguf_runtime.threads import set_wait_policy  # noqa: E402
+
+set_wait_policy()  # OpenMP waits as the CLI's do (before torch starts its threads)
+
+import torch  # noqa: E402
 
 from gguf_runtime import fixtures
 from gguf_runtime.tools import tasks

@@ -17,7 +17,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
+from gguf_runtime.threads import set_wait_policy  # noqa: E402
+
+set_wait_policy()  # OpenMP waits as the CLI's do (before torch starts its threads)
+
+import torch  # noqa: E402
 from mamba import N_CTX, N_SEQ, Clock, cli, header, llama_cpp, wiki  # benchmarks/mamba.py: Mamba's harness
 
 from gguf_runtime import fixtures, numerics

@@ -8,7 +8,7 @@ decoded as parallel sequences, BOS replacing each chunk's first token, the secon
 one run, rounds interleaved (best of ``--rounds``):
 
 - ours in-process, the model loaded once per mode: the default (batch-invariant, resident weights),
-  ``--weights lazy`` and ``Numerics(invariant=False)``; tokens/s of ``perplexity()`` (all chunk tokens
+  ``--weights lazy``, ``--weights quant`` and ``Numerics(invariant=False)``; tokens/s of ``perplexity()`` (all chunk tokens
   over its wall time, after a one-chunk warm-up);
 - ``llama-perplexity`` on the same file and threads (its defaults: flash attention, f16 K/V),
   tokens/s from its log stamps (chunk loop start to the final line), as benchmarks/perplexity.py;
@@ -30,7 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from gguf_runtime.threads import set_wait_policy  # noqa: E402
+
+set_wait_policy()  # OpenMP waits as the CLI's do (before torch starts its threads)
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from perplexity import llama_cpp_speed, transformers_ppl  # noqa: E402
@@ -95,6 +99,7 @@ def main() -> None:
             for mode, fn in (("ours (invariant, resident)", lambda: ours(path, tokens, tok.bos_id, a.chunks, "resident", True)),
                              ("llama.cpp", lambda: llama_cpp_speed(lcpp, path, wiki.read_bytes(), N_CTX, a.chunks, a.threads)),
                              ("ours --weights lazy", lambda: ours(path, tokens, tok.bos_id, a.chunks, "lazy", True)),
+                             ("ours --weights quant", lambda: ours(path, tokens, tok.bos_id, a.chunks, "quant", True)),
                              ("ours --no-invariant", lambda: ours(path, tokens, tok.bos_id, a.chunks, "resident", False))):
                 ppl, tps = fn()
                 if mode not in best or tps > best[mode][1]:
