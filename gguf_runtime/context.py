@@ -70,7 +70,7 @@ class Context:
                     continue
                 hs = h[sel.to(h.device)]
                 rows = hs.float() if self.embeddings else self.model.logits(hs)
-                if len(ubatches) == 1 and rows.shape[0] == n_out and bool((ub.idx[sel][1:] > ub.idx[sel][:-1]).all()):
+                if len(ubatches) == 1 and torch.equal(ub.idx[sel], self._out_idx):
                     out = rows  # one ubatch, outputs in batch order: its rows as they are, no copy
                     break
                 if out is None:

@@ -163,6 +163,11 @@ def library() -> ctypes.CDLL | None:
     return None
 
 
+def _lib() -> ctypes.CDLL | None:
+    """The library when the native path is on (``GGUF_RUNTIME_NATIVE``) and it loads, else ``None``."""
+    return library() if enabled() else None
+
+
 QMM_TYPES = {T.Q4_0: "q4_0", T.Q4_1: "q4_1", T.Q5_0: "q5_0", T.Q5_1: "q5_1", T.Q8_0: "q8_0",
              T.IQ4_NL: "iq4_nl", T.Q2_K: "q2_k", T.Q3_K: "q3_k", T.Q4_K: "q4_k", T.Q5_K: "q5_k",
              T.Q6_K: "q6_k", T.IQ4_XS: "iq4_xs", T.F32: "f32", T.F16: "f16_1", T.BF16: "bf16_1"}
@@ -170,7 +175,7 @@ QMM_TYPES = {T.Q4_0: "q4_0", T.Q4_1: "q4_1", T.Q5_0: "q5_0", T.Q5_1: "q5_1", T.Q
 
 def lanes() -> int:
     """The partial sums per output of :func:`matmul` (its ``K`` must be a multiple), 0 without the library."""
-    lib = library() if enabled() else None
+    lib = _lib()
     return 0 if lib is None else lib.qmm_lanes()
 
 
@@ -180,9 +185,7 @@ def matmul(qtype: GGMLQuantizationType) -> Callable[[torch.Tensor, int, int, tor
     uint8, contiguous, CPU). Each output is one fixed-order sum (see the C file), so a row's result
     does not depend on the other rows nor on the thread count. ``None`` when unavailable."""
     name = QMM_TYPES.get(qtype)
-    if name is None or not enabled():
-        return None
-    lib = library()
+    lib = _lib() if name is not None else None
     if lib is None:
         return None
     fn = getattr(lib, "qmm_" + name)
@@ -198,9 +201,7 @@ def matmul(qtype: GGMLQuantizationType) -> Callable[[torch.Tensor, int, int, tor
 def attention() -> Callable[..., None] | None:
     """The library's fixed-order attention (``attn_f32``, see the C file) as ``fn(q, kT, v, mask,
     scale, cap, out)`` on contiguous CPU float32 tensors (mask: bool), or ``None`` when unavailable."""
-    if not enabled():
-        return None
-    lib = library()
+    lib = _lib()
     if lib is None:
         return None
     fn = lib.attn_f32
@@ -216,9 +217,7 @@ def attention() -> Callable[..., None] | None:
 
 def kernel(qtype: GGMLQuantizationType) -> Callable[[torch.Tensor, torch.Tensor], None] | None:
     """The native loop for ``qtype`` as ``fn(blocks, out)``, or ``None`` (see the module docstring)."""
-    if qtype not in TYPES or not enabled():
-        return None
-    lib = library()
+    lib = _lib() if qtype in TYPES else None
     if lib is None:
         return None
     fn = getattr(lib, "dq_" + qtype.name.lower())

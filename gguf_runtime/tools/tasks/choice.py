@@ -103,20 +103,17 @@ def decode_items(ctx: Context, items: Sequence[_Item], on_group: Callable[[int, 
             sids += [s0] * it.cp
             outs += [False] * (it.cp - 1) + [True]
         lps = [np.full(len(it.wants), np.nan) for it in group]
-        # row 0 of item k is the prefix decode's output k; row j > 0, the ending decode's output
-        # (the item's first ending output) + j - 1
-        counts = [sum(len(seq) - it.cp if it.all_outputs else max(len(seq) - it.cp - 1, 0) for seq in it.seqs)
-                  for it in group]
-        first = np.cumsum([0] + counts).tolist()
+        # row 0 of item k is the prefix decode's output k
         pre = [(k, k, slot, t) for k, it in enumerate(group) for slot, (row, t) in enumerate(it.wants) if row == 0]
-        end = [(first[k] + row - 1, k, slot, t) for k, it in enumerate(group)
-               for slot, (row, t) in enumerate(it.wants) if row > 0]
         _decode_scored(ctx, toks, pos, sids, outs, pre, lps)
         for it, s0 in zip(group, base):
             for s in range(1, len(it.seqs)):
                 ctx.memory.seq_cp(s0, s0 + s, -1, -1)
         toks, pos, sids, outs = [], [], [], []
-        for it, s0 in zip(group, base):
+        end = []
+        for k, (it, s0) in enumerate(zip(group, base)):
+            first = sum(outs)  # row j > 0 of item k is the ending decode's output first + j - 1
+            end += [(first + row - 1, k, slot, t) for slot, (row, t) in enumerate(it.wants) if row > 0]
             for s, seq in enumerate(it.seqs):
                 m = len(seq) - it.cp
                 toks += seq[it.cp:]
@@ -129,25 +126,23 @@ def decode_items(ctx: Context, items: Sequence[_Item], on_group: Callable[[int, 
         i0 = i1
 
 
-def _ending_wants(it: _Item) -> tuple[list[tuple[int, int]], np.ndarray]:
+def _ending_wants(it: _Item) -> list[tuple[int, int]]:
     """HellaSwag / multiple choice: every token of every sequence from the prefix on, as (row,
-    target) pairs, and the sequence each belongs to."""
-    wants, owner = [], []
+    target) pairs, sequence after sequence (``len(seq) - cp`` pairs each)."""
+    wants = []
     li = 1
-    for s, seq in enumerate(it.seqs):
+    for seq in it.seqs:
         wants.append((0, seq[it.cp]))
-        owner.append(s)
         for j in range(it.cp, len(seq) - 1):
             wants.append((li, seq[j + 1]))
-            owner.append(s)
             li += 1
-    return wants, np.array(owner)
+    return wants
 
 
 def _mean_ending_logprobs(lp: np.ndarray, it: _Item) -> list[float]:
     """Per sequence, the mean log-prob of its tokens from the prefix on (``lp``: of ``_ending_wants``)."""
-    owner = _ending_wants(it)[1]
-    return [float(lp[owner == s].mean()) for s in range(len(it.seqs))]
+    ends = np.cumsum([0] + [len(seq) - it.cp for seq in it.seqs])
+    return [float(lp[a:b].mean()) for a, b in zip(ends[:-1], ends[1:])]
 
 
 def _check_prefix(items: list[_Item], what: str) -> None:
@@ -232,7 +227,7 @@ def _score_endings(ctx: Context, tokenizer, prompts: Sequence[tuple[str, Sequenc
         it.cp = common_prefix(it.seqs)
     _check_prefix(items, what)
     for it in items:
-        it.wants = _ending_wants(it)[0]
+        it.wants = _ending_wants(it)
     res = ChoiceResult(len(items), 0, [], [])
     t0 = time.perf_counter()
 
