@@ -75,7 +75,12 @@ class Context:
                     break
                 if out is None:
                     out = rows.new_empty(n_out, rows.shape[-1])
-                out[torch.searchsorted(self._out_idx, ub.idx[sel]).to(out.device)] = rows
+                at = torch.searchsorted(self._out_idx, ub.idx[sel])
+                a, n = int(at[0]), at.numel()
+                if torch.equal(at, torch.arange(a, a + n)):  # a run of rows: one copy
+                    out[a:a + n].copy_(rows)
+                else:  # (a scatter by index is ~10x slower than that copy)
+                    out[at.to(out.device)] = rows
                 del rows
         if self.embeddings:  # out stays None when no output was asked for
             self._hidden = out

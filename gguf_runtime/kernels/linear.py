@@ -126,13 +126,13 @@ def qlinear(x: torch.Tensor, raw: torch.Tensor, kernel, shape: tuple[int, int],
     if x.dtype != torch.float32 or x.device.type != "cpu" or numerics.current().ggml:
         return None
     n, k = shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k).contiguous()
-    y = x2.new_empty(x2.shape[0], n)
+    flat = x.dim() == 2 and x.is_contiguous()  # (the usual case: no reshapes, one op less per call)
+    x2 = x if flat else x.reshape(-1, k).contiguous()
+    y = torch.empty(x2.shape[0], n)
     kernel(raw, n, k, x2, y)
     if b is not None:
         y += b
-    return y.reshape(*lead, n)
+    return y if flat else y.reshape(*x.shape[:-1], n)
 
 
 _FEW_ROWS: dict[tuple, bool] = {}
