@@ -68,7 +68,12 @@ def test_a_query_depends_on_its_visible_keys_only():
     assert torch.equal(attention(q, k, v, m4, 0.125)[0, 3], torch.zeros(6, 64))
 
 
-def test_portable_build_gives_the_same_bits(tmp_path):
+# (heads, KV heads, d, d_v): 3, 4, 1 and 8 query heads per KV head; d_v not a multiple of 64
+SHAPES = [(6, 2, 64, 64), (8, 2, 32, 80), (4, 4, 16, 16), (8, 1, 256, 256)]
+
+
+@pytest.mark.parametrize("h,hkv,d,dv", SHAPES)
+def test_portable_build_gives_the_same_bits(tmp_path, h, hkv, d, dv):
     cc = native._compiler()
     if cc is None or platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("needs a C compiler for x86-64")
@@ -76,13 +81,44 @@ def test_portable_build_gives_the_same_bits(tmp_path):
     assert native._build(cc, ["-fopenmp"], so)
     fn = ctypes.CDLL(str(so)).attn_f32
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 7 + [ctypes.c_float] * 2 + [ctypes.c_void_p, ctypes.c_int]
-    q, k, v, mask = _case(nkv=96)
+    q, k, v, mask = _case(h=h, hkv=hkv, nkv=96, d=d)
+    v = torch.randn(2, hkv, 96, dv, generator=torch.Generator().manual_seed(5))
     for cap in (0.0, 30.0):
-        out = torch.empty(2, 21, 6, 64)
+        out = torch.empty(2, 21, h, dv)
         kT = k.transpose(-1, -2).contiguous()
-        fn(q.data_ptr(), kT.data_ptr(), v.data_ptr(), mask.data_ptr(), 2, 6, 2, 21, 96, 64, 64, 0.125, cap,
+        fn(q.data_ptr(), kT.data_ptr(), v.data_ptr(), mask.data_ptr(), 2, h, hkv, 21, 96, d, dv, 0.125, cap,
            out.data_ptr(), 2)
         assert torch.equal(out, attention(q, k, v, mask, 0.125, cap))
+
+
+@pytest.mark.parametrize("h,hkv,d,dv", SHAPES)
+def test_attention_from_the_cache_is_the_gathered_attention(h, hkv, d, dv):
+    """``attention_from_cache`` (the KV cache's path: queries by row index, keys by cell index, no
+    gathers) gives the bits of gathering the operands and calling :func:`attention`."""
+    import importlib
+
+    mod = importlib.import_module("gguf_runtime.kernels.attention")
+    g = torch.Generator().manual_seed(11)
+    n_cells, B, nq, nkv = 300, 2, 5, 64
+    kc, vc = torch.randn(hkv, n_cells + 1, d, generator=g), torch.randn(hkv, n_cells + 1, dv, generator=g)
+    kc[:, -1], vc[:, -1] = 0, 0  # the pad cell
+    q = torch.randn(B * nq + 3, h, d, generator=g)  # three rows no group reads
+    q_idx = torch.randperm(B * nq + 3, generator=g)[:B * nq]
+    cells = torch.randperm(n_cells, generator=g)[:B * nkv]
+    cells[nkv - 9:nkv] = n_cells  # the first group's list padded with the pad cell
+    mask = torch.rand(B, nq, nkv, generator=g) < 0.7
+    mask[0, :, nkv - 9:] = False
+    mask[1, 2] = False  # a query that sees nothing
+    out = torch.full((B * nq + 3, h, dv), 7.0)
+    assert mod.attention_from_cache(q, q_idx, kc, vc, cells, mask, 0.125, 20.0, out)
+    qq = q[q_idx].view(B, nq, h, d).transpose(1, 2)
+    kk = kc[:, cells].view(hkv, B, nkv, d).transpose(0, 1)
+    vv = vc[:, cells].view(hkv, B, nkv, dv).transpose(0, 1)
+    ref = attention(qq, kk, vv, mask, 0.125, 20.0).reshape(B * nq, h, dv)
+    assert torch.equal(out[q_idx], ref)
+    rest = torch.ones(B * nq + 3, dtype=torch.bool)
+    rest[q_idx] = False
+    assert torch.equal(out[rest], torch.full((3, h, dv), 7.0))  # rows no group owns are left alone
 
 
 def test_torch_fallback_is_invariant_too(gguf_dir, monkeypatch):
@@ -107,6 +143,7 @@ def test_torch_fallback_is_invariant_too(gguf_dir, monkeypatch):
 
     fast = logits(512)
     monkeypatch.setattr(mod, "_NATIVE", [None])
+    monkeypatch.setattr(mod, "_NATIVE_KV", [None])
     slow = logits(512)
     assert torch.equal(logits(9), slow)
     assert not torch.equal(slow, fast) and (slow - fast).abs().max() < 1e-3 * fast.abs().max()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from gguf_runtime.errors import BatchError
+from gguf_runtime.gguf import native
 from gguf_runtime.models import load_model
 from gguf_runtime.tools.perplexity import perplexity, token_nll
 
@@ -141,11 +142,17 @@ def test_cli_ggml_numerics_and_cache_types(gguf_dir, wikitext, tmp_path):
     assert ppl["f16kv"] == pytest.approx(ppl["plain"], rel=2e-4)
 
 
-def test_token_nll_does_not_depend_on_the_other_rows():
+@pytest.mark.parametrize("path", ["native", "torch"])
+def test_token_nll_does_not_depend_on_the_other_rows(path, monkeypatch):
     """A row's -log p is the same scored alone, among others, or picked with ``rows=`` (the tasks
     score each decode's rows together, whoever their neighbours are); and it is llama.cpp's formula,
     checked against float64 log-softmax. An odd vocabulary (GPT-2's 50,257) puts elements in
-    exp's scalar tail and single rows on both threads unless the pieces are shaped alike."""
+    exp's scalar tail and single rows on both threads unless the pieces are shaped alike. Both the
+    native kernel (CPU float32) and the torch path (other devices) are held to it."""
+    if path == "native" and native.nll() is None:
+        pytest.skip("no native library (no C compiler or GGUF_RUNTIME_NATIVE=0)")
+    if path == "torch":
+        monkeypatch.setattr(native, "nll", lambda: None)
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(70, 50257, generator=g) * 4
     targets = torch.randint(0, 50257, (70,), generator=g)
@@ -156,3 +163,9 @@ def test_token_nll_does_not_depend_on_the_other_rows():
     assert torch.equal(token_nll(logits, targets[pick], rows=pick), all_rows[pick])
     ref = -torch.log_softmax(logits.double(), -1).gather(-1, targets.view(-1, 1)).squeeze(-1)
     assert (all_rows - ref).abs().max() < 1e-5
+
+
+def test_token_nll_rejects_a_target_outside_the_vocabulary():
+    logits = torch.randn(3, 100)
+    with pytest.raises((IndexError, RuntimeError)):  # native check / torch's gather
+        token_nll(logits, torch.tensor([1, 100, 2]))

@@ -787,8 +787,10 @@ void qmm_f32(const uint8_t *w, int64_t N, int64_t K, const float *x, int64_t M, 
  * the pairwise tree; p @ v adds key after key. Blocks with no visible key are skipped and hidden
  * keys add exact zeros, so neither how many blocks the call holds, nor where they start, nor which
  * queries and groups share it changes a bit. exp is one polynomial (vexp) in plain float
- * operations, the same code for every lane. Written without intrinsics: whatever the compiler
- * vectorises computes the same IEEE operations (fmaf is one rounding either way). */
+ * operations, the same code for every lane. The query heads of one KV head are computed together
+ * (GT at a time; score chains AS at a time), so each key and value row loaded serves several heads
+ * -- which changes no order. The AVX-512 intrinsics (scores, pv) perform exactly the plain loops'
+ * IEEE operations (fmaf is one rounding either way), so every build gives the same bits. */
 #define AB 16 /* keys per block: the row sum's lanes */
 #define EXP_FLOOR 1.8048513878454153e-35f /* just above exp(-80) (kernels.attention's _EXP_FLOOR) */
 
@@ -815,20 +817,90 @@ static inline float ab_sum(const float *a) {
     return t[0];
 }
 
-void attn_f32(const float *restrict q, const float *restrict kT, const float *restrict v, const uint8_t *restrict mask,
-              int64_t B, int64_t H, int64_t HKV, int64_t NQ, int64_t NKV, int64_t D, int64_t DV,
-              float scale, float cap, float *restrict out, int nt) {
+#define AS 4  /* score chains computed together: (head, key block) slots */
+#define GT 4  /* query heads of one KV head computed together */
+#define EC 64 /* output columns held in registers while p @ v runs over the keys */
+
+/* AS chains of AB scores: acc[s][l] = sum over d, in increasing d, of fmaf(qs[s][d], ks[s][d * NKV + l]) */
+static inline void scores(const float *const *qs, const float *const *ks, int64_t D, int64_t NKV, float acc[AS][AB]) {
+#if defined(__AVX512F__) && AB == 16 && AS == 4
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t dd = 0; dd < D; dd++) {
+        const int64_t o = dd * NKV;
+        a0 = _mm512_fmadd_ps(_mm512_set1_ps(qs[0][dd]), _mm512_loadu_ps(ks[0] + o), a0);
+        a1 = _mm512_fmadd_ps(_mm512_set1_ps(qs[1][dd]), _mm512_loadu_ps(ks[1] + o), a1);
+        a2 = _mm512_fmadd_ps(_mm512_set1_ps(qs[2][dd]), _mm512_loadu_ps(ks[2] + o), a2);
+        a3 = _mm512_fmadd_ps(_mm512_set1_ps(qs[3][dd]), _mm512_loadu_ps(ks[3] + o), a3);
+    }
+    _mm512_storeu_ps(acc[0], a0);
+    _mm512_storeu_ps(acc[1], a1);
+    _mm512_storeu_ps(acc[2], a2);
+    _mm512_storeu_ps(acc[3], a3);
+#else
+    for (int64_t dd = 0; dd < D; dd++)
+        for (int sl = 0; sl < AS; sl++) {
+            const float qd = qs[sl][dd];
+            const float *kr = ks[sl] + dd * NKV;
+            for (int l = 0; l < AB; l++) acc[sl][l] = fmaf(qd, kr[l], acc[sl][l]);
+        }
+#endif
+}
+
+#if defined(__AVX512F__) && EC == 64
+/* p @ v for EC columns (from e0) of gt heads (p in sc, one row of NKV per head; value row j at
+ * vr[j]), key after key over the seen blocks: o[t][e] = fmaf(p[t][j], v[j][e], o[t][e]) in increasing j, as the plain loop below */
+static inline __attribute__((always_inline)) void pv(const int gt, const float *restrict sc,
+                                                     const float *const *restrict vr, int64_t e0,
+                                                     const uint8_t *restrict seen, int64_t nb, int64_t NKV,
+                                                     float o[GT][EC]) {
+    __m512 acc[GT][4];
+    for (int t = 0; t < gt; t++)
+        for (int c = 0; c < 4; c++) acc[t][c] = _mm512_setzero_ps();
+    for (int64_t jb = 0; jb < nb; jb++) {
+        if (!seen[jb]) continue;
+        for (int64_t j = jb * AB; j < jb * AB + AB; j++) {
+            const float *vj = vr[j] + e0;
+            const __m512 v0 = _mm512_loadu_ps(vj), v1 = _mm512_loadu_ps(vj + 16), v2 = _mm512_loadu_ps(vj + 32),
+                         v3 = _mm512_loadu_ps(vj + 48);
+            for (int t = 0; t < gt; t++) {
+                const __m512 p = _mm512_set1_ps(sc[t * NKV + j]);
+                acc[t][0] = _mm512_fmadd_ps(p, v0, acc[t][0]);
+                acc[t][1] = _mm512_fmadd_ps(p, v1, acc[t][1]);
+                acc[t][2] = _mm512_fmadd_ps(p, v2, acc[t][2]);
+                acc[t][3] = _mm512_fmadd_ps(p, v3, acc[t][3]);
+            }
+        }
+    }
+    for (int t = 0; t < gt; t++)
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(o[t] + 16 * c, acc[t][c]);
+}
+#endif
+
+/* Where attn_core finds its operands. Batched layout (attn_f32): q (B, H, NQ, D), kT (B, HKV, D,
+ * NKV), v (B, HKV, NKV, DV), out (B, NQ, H, DV). Cache layout (attn_kv_f32, qidx set): query i of
+ * group b is row qidx[b NQ + i] of q (n, H, D) and of out (n, H, DV); key j is cache cell
+ * cells[b NKV + j] of vc (HKV, CELLS, DV), kT holding those keys transposed (gathered first). */
+typedef struct {
+    const float *q, *kT, *v;
+    const int64_t *qidx, *cells;
+    int64_t CELLS;
+} attn_src;
+
+static void attn_core(attn_src src, const uint8_t *restrict mask, int64_t B, int64_t H, int64_t HKV, int64_t NQ,
+                      int64_t NKV, int64_t D, int64_t DV, float scale, float cap, float *restrict out, int nt) {
     const int64_t g = H / HKV, items = B * HKV * NQ, nb = NKV / AB;
+    const float *q = src.q, *kT = src.kT;
     (void)nt;
     OMP(parallel num_threads(nt) if(nt > 1 && items > 1)) {
-        float *sc = aligned_alloc(64, (size_t)(NKV * 4 + 63) / 64 * 64);
-        float *o = aligned_alloc(64, (size_t)(DV * 4 + 63) / 64 * 64);
+        float *sc = aligned_alloc(64, (size_t)(GT * NKV * 4 + 63) / 64 * 64);
         uint8_t *seen = malloc((size_t)nb + 1);
+        const float **vr = malloc(sizeof(float *) * (size_t)NKV);
         OMP(for schedule(dynamic, 4))
         for (int64_t it = 0; it < items; it++) {
             const int64_t b = it / (HKV * NQ), kvh = (it / NQ) % HKV, i = it % NQ;
             const uint8_t *mi = mask + (b * NQ + i) * NKV;
-            const float *kt = kT + (b * HKV + kvh) * D * NKV, *vv = v + (b * HKV + kvh) * NKV * DV;
+            const float *kt = kT + (b * HKV + kvh) * D * NKV;
+            const int64_t row = src.qidx ? src.qidx[b * NQ + i] : -1;
             int any = 0;
             for (int64_t jb = 0; jb < nb; jb++) {
                 int s = 0;
@@ -836,62 +908,289 @@ void attn_f32(const float *restrict q, const float *restrict kT, const float *re
                 seen[jb] = (uint8_t)(s != 0);
                 any |= s;
             }
-            for (int64_t t = 0; t < g; t++) {
-                const int64_t hh = kvh * g + t;
-                const float *qi = q + ((b * H + hh) * NQ + i) * D;
-                float *oi = out + ((b * NQ + i) * H + hh) * DV;
+            for (int64_t t0 = 0; t0 < g; t0 += GT) {
+                const int gt = (int)(g - t0 < GT ? g - t0 : GT);
+                const float *qh[GT];
+                float *oh[GT];
+                for (int t = 0; t < gt; t++) {
+                    const int64_t hh = kvh * g + t0 + t;
+                    qh[t] = q + (row < 0 ? (b * H + hh) * NQ + i : row * H + hh) * D;
+                    oh[t] = out + (row < 0 ? (b * NQ + i) * H + hh : row * H + hh) * DV;
+                }
                 if (!any) {
-                    memset(oi, 0, (size_t)DV * 4);
+                    for (int t = 0; t < gt; t++) memset(oh[t], 0, (size_t)DV * 4);
                     continue;
                 }
-                float mx = -INFINITY;
-                for (int64_t jb = 0; jb < nb; jb++) {
-                    if (!seen[jb]) continue;
-                    float acc[AB] __attribute__((aligned(64))) = {0};
-                    const float *kb = kt + jb * AB;
-                    for (int64_t dd = 0; dd < D; dd++) {
-                        const float qd = qi[dd];
-                        for (int l = 0; l < AB; l++) acc[l] = fmaf(qd, kb[dd * NKV + l], acc[l]);
+                /* scores: slot s is head s % gt of block jb + s / gt (bpu blocks per pass); each
+                 * score is still its own chain of fmaf in increasing d */
+                const int bpu = AS / gt > 0 ? AS / gt : 1, ns = gt * bpu;
+                float mx[GT];
+                for (int t = 0; t < gt; t++) mx[t] = -INFINITY;
+                for (int64_t jb = 0; jb < nb;) {
+                    if (!seen[jb]) {
+                        jb++;
+                        continue;
                     }
-                    for (int l = 0; l < AB; l++) {
-                        float s = acc[l] * scale;
-                        if (cap != 0.0f) s = cap * tanhf(s / cap);
-                        s = mi[jb * AB + l] ? s : -INFINITY;
-                        sc[jb * AB + l] = s;
-                        mx = s > mx ? s : mx;
+                    int nbk = 1;
+                    while (nbk < bpu && jb + nbk < nb && seen[jb + nbk]) nbk++;
+                    float acc[AS][AB] __attribute__((aligned(64))) = {{0}};
+                    const float *qs[AS], *ks[AS];
+                    for (int sl = 0; sl < AS; sl++) { /* unused slots repeat slot 0 (discarded) */
+                        const int ok = sl < ns && sl / gt < nbk;
+                        qs[sl] = qh[ok ? sl % gt : 0];
+                        ks[sl] = kt + (jb + (ok ? sl / gt : 0)) * AB;
                     }
+                    scores(qs, ks, D, NKV, acc);
+                    for (int sl = 0; sl < gt * nbk; sl++) {
+                        const int t = sl % gt;
+                        const int64_t j0 = (jb + sl / gt) * AB;
+                        float *st = sc + t * NKV;
+                        for (int l = 0; l < AB; l++) {
+                            float s = acc[sl][l] * scale;
+                            if (cap != 0.0f) s = cap * tanhf(s / cap);
+                            s = mi[j0 + l] ? s : -INFINITY;
+                            st[j0 + l] = s;
+                            mx[t] = s > mx[t] ? s : mx[t];
+                        }
+                    }
+                    jb += nbk;
                 }
-                float lv[AB] __attribute__((aligned(64))) = {0};
-                memset(o, 0, (size_t)DV * 4);
-                for (int64_t jb = 0; jb < nb; jb++) {
-                    if (!seen[jb]) continue;
-                    float p[AB] __attribute__((aligned(64)));
-                    for (int l = 0; l < AB; l++) {
-                        const float x = sc[jb * AB + l] - mx;
-                        const float e = vexp(x > -80.0f ? x : -80.0f);
-                        p[l] = e <= EXP_FLOOR ? 0.0f : e;
-                        lv[l] += p[l];
+                /* probabilities in place of the scores, and each head's row sum */
+                float lsum[GT];
+                for (int t = 0; t < gt; t++) {
+                    float lv[AB] __attribute__((aligned(64))) = {0};
+                    float *st = sc + t * NKV;
+                    for (int64_t jb = 0; jb < nb; jb++) {
+                        if (!seen[jb]) continue;
+                        for (int l = 0; l < AB; l++) {
+                            const float x = st[jb * AB + l] - mx[t];
+                            const float e = vexp(x > -80.0f ? x : -80.0f);
+                            st[jb * AB + l] = e <= EXP_FLOOR ? 0.0f : e;
+                            lv[l] += st[jb * AB + l];
+                        }
                     }
-                    for (int l = 0; l < AB; l++) {
-                        if (p[l] == 0.0f) continue;
-                        const float *vj = vv + (jb * AB + l) * DV;
-                        const float pl = p[l];
-                        for (int64_t e = 0; e < DV; e++) o[e] = fmaf(pl, vj[e], o[e]);
-                    }
+                    const float l = ab_sum(lv);
+                    lsum[t] = l > 1e-30f ? l : 1e-30f;
                 }
-                float l = ab_sum(lv);
-                l = l > 1e-30f ? l : 1e-30f;
-                for (int64_t e = 0; e < DV; e++) oi[e] = o[e] / l;
+                for (int64_t jb = 0; jb < nb; jb++) /* value rows of the seen blocks */
+                    if (seen[jb])
+                        for (int64_t j = jb * AB; j < jb * AB + AB; j++)
+                            vr[j] = src.qidx ? src.v + (kvh * src.CELLS + src.cells[b * NKV + j]) * DV
+                                             : src.v + ((b * HKV + kvh) * NKV + j) * DV;
+                /* p @ v: EC columns of every head at a time, key after key (hidden keys add exact
+                 * zeros: p = 0) */
+                for (int64_t e0 = 0; e0 < DV; e0 += EC) {
+                    const int64_t ne = DV - e0 < EC ? DV - e0 : EC;
+                    float o[GT][EC] __attribute__((aligned(64))) = {{0}};
+#if defined(__AVX512F__)
+                    if (ne == EC) {
+                        switch (gt) { /* the head count a constant in each copy: o stays in registers */
+                        case 1: pv(1, sc, vr, e0, seen, nb, NKV, o); break;
+                        case 2: pv(2, sc, vr, e0, seen, nb, NKV, o); break;
+                        case 3: pv(3, sc, vr, e0, seen, nb, NKV, o); break;
+                        default: pv(4, sc, vr, e0, seen, nb, NKV, o); break;
+                        }
+                    } else
+#endif
+                    for (int64_t jb = 0; jb < nb; jb++) {
+                        if (!seen[jb]) continue;
+                        for (int l = 0; l < AB; l++) {
+                            const int64_t j = jb * AB + l;
+                            const float *vj = vr[j] + e0;
+                            for (int t = 0; t < gt; t++) {
+                                const float pt = sc[t * NKV + j];
+                                for (int64_t e = 0; e < ne; e++) o[t][e] = fmaf(pt, vj[e], o[t][e]);
+                            }
+                        }
+                    }
+                    for (int t = 0; t < gt; t++)
+                        for (int64_t e = 0; e < ne; e++) oh[t][e0 + e] = o[t][e] / lsum[t];
+                }
             }
         }
         free(sc);
-        free(o);
         free(seen);
+        free(vr);
+    }
+}
+
+void attn_f32(const float *restrict q, const float *restrict kT, const float *restrict v, const uint8_t *restrict mask,
+              int64_t B, int64_t H, int64_t HKV, int64_t NQ, int64_t NKV, int64_t D, int64_t DV,
+              float scale, float cap, float *restrict out, int nt) {
+    const attn_src src = {q, kT, v, NULL, NULL, 0};
+    attn_core(src, mask, B, H, HKV, NQ, NKV, D, DV, scale, cap, out, nt);
+}
+
+/* attn_f32 over the KV cache itself: kc (HKV, CELLS, D), vc (HKV, CELLS, DV), the keys of group b
+ * cells[b NKV .. b NKV + NKV - 1] (NKV a multiple of 16, in the order attn_f32 wants them), its
+ * queries rows qidx[b NQ ..] of q (n, H, D), written to the same rows of out (n, H, DV). The keys
+ * are gathered transposed into a scratch buffer first; values are read in place. Same bits as
+ * gathering the operands and calling attn_f32. */
+void attn_kv_f32(const float *restrict q, const int64_t *restrict qidx, const float *restrict kc,
+                 const float *restrict vc, const int64_t *restrict cells, const uint8_t *restrict mask, int64_t B,
+                 int64_t H, int64_t HKV, int64_t NQ, int64_t NKV, int64_t CELLS, int64_t D, int64_t DV,
+                 float scale, float cap, float *restrict out, int nt) {
+    float *kT = aligned_alloc(64, (size_t)(B * HKV * D * NKV * 4 + 63) / 64 * 64);
+    (void)nt;
+    OMP(parallel for num_threads(nt) schedule(static) if(nt > 1 && B * HKV * NKV * D >= (1 << 15)))
+    for (int64_t r = 0; r < B * HKV; r++) {
+        const int64_t b = r / HKV, kvh = r % HKV;
+        float *dst = kT + r * D * NKV;
+        for (int64_t j = 0; j < NKV; j++) {
+            const float *kj = kc + (kvh * CELLS + cells[b * NKV + j]) * D;
+            for (int64_t dd = 0; dd < D; dd++) dst[dd * NKV + j] = kj[dd];
+        }
+    }
+    const attn_src src = {q, kT, vc, qidx, cells, CELLS};
+    attn_core(src, mask, B, H, HKV, NQ, NKV, D, DV, scale, cap, out, nt);
+    free(kT);
+}
+
+/* -log softmax(x)[t] per row (tools.perplexity.token_nll on CPU float32), as llama-perplexity
+ * computes it: float32 differences to the row max, their exponentials (vexp; 0 below -87, where
+ * expf underflows) summed in double. Row i is logits + rows[i] * ld (rows NULL: row i), V
+ * columns, target targets[i]. The sum keeps NLL_L double partial sums, column k in lane
+ * k mod NLL_L, in increasing k, then the pairwise tree: one fixed order per row, so a row's value
+ * depends on nothing else in the call, nor on the thread count. */
+#define NLL_L 16
+#if defined(__AVX512F__)
+static inline __m512 vexp16(__m512 x) { /* vexp, lane by lane */
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+#endif
+
+void nll_f32(const float *restrict logits, const int64_t *restrict rows, int64_t n, int64_t V, int64_t ld,
+             const int64_t *restrict targets, double *restrict out, int nt) {
+    (void)nt;
+    OMP(parallel for num_threads(nt) schedule(dynamic, 1) if(nt > 1 && n > 1))
+    for (int64_t i = 0; i < n; i++) {
+        const float *x = logits + (rows ? rows[i] : i) * ld;
+        const int64_t full = V / NLL_L * NLL_L;
+        float mx = -INFINITY;
+        double acc[NLL_L] = {0};
+#if defined(__AVX512F__) /* the same operations as the loop below, 16 columns at a time */
+        __m512 vm = _mm512_set1_ps(-INFINITY);
+        for (int64_t k = 0; k < full; k += NLL_L) vm = _mm512_max_ps(vm, _mm512_loadu_ps(x + k));
+        mx = _mm512_reduce_max_ps(vm); /* a max is exact in any order */
+        for (int64_t k = full; k < V; k++) mx = x[k] > mx ? x[k] : mx;
+        const __m512 m = _mm512_set1_ps(mx);
+        __m512d a0 = _mm512_setzero_pd(), a1 = _mm512_setzero_pd();
+        for (int64_t k = 0; k < full; k += NLL_L) {
+            const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + k), m);
+            const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(d, _mm512_set1_ps(-87.0f), _CMP_GE_OQ), vexp16(d));
+            a0 = _mm512_add_pd(a0, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
+            a1 = _mm512_add_pd(a1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(e, 1)));
+        }
+        _mm512_storeu_pd(acc, a0);
+        _mm512_storeu_pd(acc + 8, a1);
+#else
+        for (int64_t k = 0; k < V; k++) mx = x[k] > mx ? x[k] : mx;
+        for (int64_t k = 0; k < full; k += NLL_L)
+            for (int l = 0; l < NLL_L; l++) {
+                const float d = x[k + l] - mx;
+                acc[l] += (double)(d >= -87.0f ? vexp(d) : 0.0f);
+            }
+#endif
+        for (int64_t k = full; k < V; k++) {
+            const float d = x[k] - mx;
+            acc[k - full] += (double)(d >= -87.0f ? vexp(d) : 0.0f);
+        }
+        for (int m = NLL_L / 2; m >= 1; m /= 2)
+            for (int l = 0; l < m; l++) acc[l] = acc[l] + acc[l + m];
+        out[i] = log(acc[0]) - (double)(x[targets[i]] - mx);
+    }
+}
+
+/* Row-wise and elementwise kernels of the CPU float32 forward (kernels.elementwise, kernels.rope):
+ * each output element is computed from its own row alone, in one fixed order, so no result depends
+ * on the other rows of the call nor on the thread count. */
+
+/* RMSNorm: y = x * (1 / sqrtf(mean(x^2) + eps)) (* w), n rows of d. The squares go into RMS_L float
+ * partial sums, column k in lane k mod RMS_L, then the pairwise tree; the mean is the sum / d. */
+#define RMS_L 16
+void rms_f32(const float *restrict x, const float *restrict w, int64_t n, int64_t d, float eps,
+             float *restrict y, int nt) {
+    (void)nt;
+    OMP(parallel for num_threads(nt) schedule(static) if(nt > 1 && n * d >= (1 << 16)))
+    for (int64_t i = 0; i < n; i++) {
+        const float *xi = x + i * d;
+        float *yi = y + i * d;
+        float acc[RMS_L] = {0};
+        const int64_t full = d / RMS_L * RMS_L;
+        for (int64_t k = 0; k < full; k += RMS_L)
+            for (int l = 0; l < RMS_L; l++) acc[l] += xi[k + l] * xi[k + l];
+        for (int64_t k = full; k < d; k++) acc[k - full] += xi[k] * xi[k];
+        for (int m = RMS_L / 2; m >= 1; m /= 2)
+            for (int l = 0; l < m; l++) acc[l] = acc[l] + acc[l + m];
+        const float sc = 1.0f / sqrtf(acc[0] / (float)d + eps);
+        if (w)
+            for (int64_t k = 0; k < d; k++) yi[k] = (xi[k] * sc) * w[k];
+        else
+            for (int64_t k = 0; k < d; k++) yi[k] = xi[k] * sc;
+    }
+}
+
+/* RoPE on x (n, h, dh) with cos / sin (n, d / 2) for the first d of each head's dh values (the rest
+ * copied): pairs (a, b) are adjacent (normal) or d / 2 apart (neox); a' = a cos - b sin,
+ * b' = a sin + b cos, each product rounded, then the sum: the operations of the torch path, so the
+ * same bits. */
+void rope_f32(const float *restrict x, const float *restrict cs, const float *restrict sn, int64_t n, int64_t h,
+              int64_t dh, int64_t d, int neox, float *restrict y, int nt) {
+    (void)nt;
+    const int64_t half = d / 2;
+    OMP(parallel for num_threads(nt) schedule(static) if(nt > 1 && n * h * dh >= (1 << 16)))
+    for (int64_t r = 0; r < n * h; r++) {
+        const float *xi = x + r * dh, *c = cs + (r / h) * half, *s = sn + (r / h) * half;
+        float *yi = y + r * dh;
+        if (neox)
+            for (int64_t j = 0; j < half; j++) {
+                const float a = xi[j], b = xi[j + half];
+                yi[j] = a * c[j] - b * s[j];
+                yi[j + half] = a * s[j] + b * c[j];
+            }
+        else
+            for (int64_t j = 0; j < half; j++) {
+                const float a = xi[2 * j], b = xi[2 * j + 1];
+                yi[2 * j] = a * c[j] - b * s[j];
+                yi[2 * j + 1] = a * s[j] + b * c[j];
+            }
+        for (int64_t j = d; j < dh; j++) yi[j] = xi[j];
+    }
+}
+
+/* SiLU, times u when given (SwiGLU): y = (g / (1 + exp(-g))) (* u), exp by vexp_any (vexp's
+ * polynomial over the whole float range). */
+static inline float vexp_any(float x) {
+    if (x > 88.0f) return INFINITY;
+    if (x < -87.0f) return 0.0f;
+    return vexp(x);
+}
+
+void silu_f32(const float *restrict g, const float *restrict u, int64_t n, float *restrict y, int nt) {
+    (void)nt;
+    if (u) {
+        OMP(parallel for num_threads(nt) schedule(static) if(nt > 1 && n >= (1 << 16)))
+        for (int64_t i = 0; i < n; i++) y[i] = (g[i] / (1.0f + vexp_any(-g[i]))) * u[i];
+    } else {
+        OMP(parallel for num_threads(nt) schedule(static) if(nt > 1 && n >= (1 << 16)))
+        for (int64_t i = 0; i < n; i++) y[i] = g[i] / (1.0f + vexp_any(-g[i]));
     }
 }
 
 /* The ABI version Python checks after loading (bump when a signature changes). */
-int dq_abi(void) { return 5; }
+int dq_abi(void) { return 8; }
 
 /* partial sums per output of qmm (K must be a multiple) */
 int qmm_lanes(void) { return QL; }

@@ -15,7 +15,8 @@ computed alone, so the thread count never changes a result.
 
 ``matmul(qtype)`` returns the fused dequantize-and-multiply of the same library (``qmm_<type>``:
 ``--weights quant``), ``lanes()`` its partial sums per output; ``attention()`` its fixed-order
-attention (``kernels.attention``'s CPU float32 path).
+attention (``kernels.attention``'s CPU float32 path), ``nll()`` its row-invariant token
+log-likelihoods (``tools.perplexity.token_nll`` on CPU float32).
 
 ``GGUF_RUNTIME_NATIVE=0`` turns the native path off (the torch kernels of ``dequant`` run instead).
 No compiler, a failed build or a library that does not load also leaves the torch kernels in
@@ -43,7 +44,7 @@ T = GGMLQuantizationType
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("_dequant.c")
-ABI = 5
+ABI = 8
 TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL, T.MXFP4, T.NVFP4,
          T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS, T.TQ1_0, T.TQ2_0,
          T.IQ3_XXS, T.IQ3_S, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M)
@@ -153,6 +154,18 @@ def library() -> ctypes.CDLL | None:
         lib.attn_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 7 + [ctypes.c_float] * 2 + [
             ctypes.c_void_p, ctypes.c_int]
         lib.attn_f32.restype = None
+        lib.attn_kv_f32.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 8 + [ctypes.c_float] * 2 + [
+            ctypes.c_void_p, ctypes.c_int]
+        lib.attn_kv_f32.restype = None
+        lib.nll_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3 + [
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        lib.nll_f32.restype = None
+        P, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+        lib.rms_f32.argtypes = [P, P, I, I, F, P, ctypes.c_int]
+        lib.rope_f32.argtypes = [P, P, P, I, I, I, I, ctypes.c_int, P, ctypes.c_int]
+        lib.silu_f32.argtypes = [P, P, I, P, ctypes.c_int]
+        for fn in (lib.rms_f32, lib.rope_f32, lib.silu_f32):
+            fn.restype = None
         for name in QMM_TYPES.values():
             fn = getattr(lib, "qmm_" + name)
             fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
@@ -213,6 +226,58 @@ def attention() -> Callable[..., None] | None:
            float(scale), float(cap), out.data_ptr(), torch.get_num_threads())
 
     return run
+
+
+def attention_kv() -> Callable[..., None] | None:
+    """The fixed-order attention read straight from a KV cache (``attn_kv_f32``, see the C file) as
+    ``fn(q, q_idx, kc, vc, cells, mask, scale, cap, out)``: ``q`` (n, H, D), ``kc`` (HKV, CELLS, D),
+    ``vc`` (HKV, CELLS, DV), ``out`` (n, H, DV) contiguous CPU float32; ``q_idx`` (B * NQ,) and
+    ``cells`` (B * NKV,) int64, ``mask`` (B, NQ, NKV) bool, NKV a multiple of 16. The same bits as
+    :func:`attention` on the gathered operands. ``None`` when unavailable."""
+    lib = _lib()
+    if lib is None:
+        return None
+    fn = lib.attn_kv_f32
+
+    def run(q, q_idx, kc, vc, cells, mask, scale: float, cap: float, out) -> None:
+        B, NQ, NKV = mask.shape
+        fn(q.data_ptr(), q_idx.data_ptr(), kc.data_ptr(), vc.data_ptr(), cells.data_ptr(), mask.data_ptr(),
+           B, q.shape[1], kc.shape[0], NQ, NKV, kc.shape[1], q.shape[2], vc.shape[2], scale, cap,
+           out.data_ptr(), torch.get_num_threads())
+
+    return run
+
+
+def nll() -> Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor] | None:
+    """The library's row-invariant ``-log softmax(logits)[target]`` (``nll_f32``, see the C file) as
+    ``fn(logits, rows, targets)`` -> float64 (n,): ``logits`` (R, V) CPU float32 with unit column
+    stride, ``rows`` int64 indices into it (``None``: every row), ``targets`` one int64 per scored
+    row. ``None`` when unavailable."""
+    lib = _lib()
+    if lib is None:
+        return None
+    fn = lib.nll_f32
+
+    def run(logits: torch.Tensor, rows: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+        targets = targets.contiguous()
+        if rows is not None:
+            rows = rows.contiguous()
+        n = targets.numel()
+        if n and not (0 <= int(targets.min()) and int(targets.max()) < logits.shape[1]):
+            raise IndexError(f"target token out of range for {logits.shape[1]} logits")
+        out = torch.empty(n, dtype=torch.float64)
+        fn(logits.data_ptr(), None if rows is None else rows.data_ptr(), n, logits.shape[1], logits.stride(0),
+           targets.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        return out
+
+    return run
+
+
+def rowwise() -> ctypes.CDLL | None:
+    """The library for the row-wise kernels of the CPU float32 forward (``rms_f32``, ``rope_f32``,
+    ``silu_f32``; see the C file), called through ``kernels.elementwise`` and ``kernels.rope`` on
+    contiguous float32 tensors; ``None`` when unavailable."""
+    return _lib()
 
 
 def kernel(qtype: GGMLQuantizationType) -> Callable[[torch.Tensor, torch.Tensor], None] | None:

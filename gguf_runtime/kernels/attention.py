@@ -171,6 +171,31 @@ def _native():
     return _NATIVE[0]
 
 
+_NATIVE_KV: list = []
+
+
+def attention_from_cache(q: torch.Tensor, q_idx: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, cells: torch.Tensor,
+                         mask: torch.Tensor, scale: float, softcap: float, out: torch.Tensor) -> bool:
+    """:func:`attention` of the groups whose queries are rows ``q_idx`` of ``q`` (n, h, d) and whose
+    keys are cells ``cells`` of a cache layer ``kc`` / ``vc`` ((n_head_kv, n_cells, d)), written to
+    the same rows of ``out`` (n, h, d_v), without gathering the operands: the native kernel
+    (``attn_kv_f32``), with the same bits as gathering them and calling :func:`attention`. Returns
+    False (nothing done) where that path does not apply: not invariant numerics, not contiguous CPU
+    float32, key lists not whole blocks of 16, or no library."""
+    if not _NATIVE_KV:
+        from ..gguf import native
+
+        _NATIVE_KV.append(native.attention_kv())
+    fn = _NATIVE_KV[0]
+    if fn is None or not numerics.current().invariant or q.device.type != "cpu" or mask.shape[-1] % 16:
+        return False
+    if not (q.dtype == kc.dtype == vc.dtype == out.dtype == torch.float32 and q.is_contiguous()
+            and kc.is_contiguous() and vc.is_contiguous() and out.is_contiguous() and mask.is_contiguous()):
+        return False
+    fn(q, q_idx, kc, vc, cells, mask, scale, softcap, out)
+    return True
+
+
 def _native_attention(fn, q, k, v, mask, scale: float, softcap: float) -> torch.Tensor:
     """The C kernel (``attn_f32`` in ``gguf/_dequant.c``): per query one fixed order over its
     visible keys only (lanes tied to a key's rank mod 16 in its block-aligned list), so it meets

@@ -14,11 +14,44 @@ import torch.nn.functional as F
 from .. import numerics
 
 
+_ROWWISE: list = []
+
+
+def native_lib():
+    """The native library of the row-wise CPU float32 kernels (resolved once per process; ``None``
+    without it)."""
+    if not _ROWWISE:
+        from ..gguf import native
+
+        _ROWWISE.append(native.rowwise())
+    return _ROWWISE[0]
+
+
+def _native_f32(*ts: torch.Tensor | None):
+    """The library when every given tensor is a CPU float32 one, else ``None``. Layout does not
+    decide (callers pass ``.contiguous()`` operands): whether a slice is contiguous can depend on
+    the batch shape, and the native and torch paths round differently."""
+    for t in ts:
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+            return None
+    return native_lib()
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm in float32. ggml numerics: the sum of float squares in double, ``1/sqrtf`` in float,
-    ``x * scale * w``, as ggml's CPU kernel computes it."""
+    ``x * scale * w``, as ggml's CPU kernel computes it. Otherwise, on contiguous CPU float32, the
+    native ``rms_f32`` (each row's squares summed in one fixed order)."""
+    nx = numerics.current()
+    lib = None if nx.ggml or (w is not None and w.numel() != x.shape[-1]) else _native_f32(x, w)
+    if lib is not None:
+        x = x.contiguous()
+        w = None if w is None else w.contiguous()
+        y = torch.empty_like(x)
+        lib.rms_f32(x.data_ptr(), None if w is None else w.data_ptr(), x.numel() // x.shape[-1], x.shape[-1],
+                    eps, y.data_ptr(), torch.get_num_threads())
+        return y
     xf = x.float()
-    if numerics.current().ggml:
+    if nx.ggml:
         scale = torch.rsqrt(((xf * xf).double().sum(-1, keepdim=True) / xf.shape[-1]).float() + eps)
         y = xf * scale
         return (y * w.float() if w is not None else y).to(x.dtype)
@@ -61,7 +94,24 @@ def exp_(x: torch.Tensor) -> torch.Tensor:
 
 
 def silu(x: torch.Tensor) -> torch.Tensor:
+    lib = _native_f32(x)
+    if lib is not None:
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        lib.silu_f32(x.data_ptr(), None, x.numel(), y.data_ptr(), torch.get_num_threads())
+        return y
     return lanewise(F.silu, x)
+
+
+def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``silu(g) * u`` (one native pass on contiguous CPU float32)."""
+    lib = _native_f32(g, u) if g.shape == u.shape else None
+    if lib is not None:
+        g, u = g.contiguous(), u.contiguous()
+        y = torch.empty_like(g)
+        lib.silu_f32(g.data_ptr(), u.data_ptr(), g.numel(), y.data_ptr(), torch.get_num_threads())
+        return y
+    return silu(g) * u
 
 
 def softplus(x: torch.Tensor) -> torch.Tensor:

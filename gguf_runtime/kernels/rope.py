@@ -8,6 +8,7 @@ import torch
 from .. import numerics
 from ..errors import UnsupportedError
 from . import ggml
+from .elementwise import _native_f32
 
 def rope_freqs(dim: int, base: float, scaling: dict | None = None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (dim/2,) in float32 and the cos/sin magnitude scale, for the RoPE scaling
@@ -60,8 +61,15 @@ def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, neox: bool,
     'norm') rotates adjacent pairs; NeoX rotates halves. ``angles``: :func:`rope_angles` of these
     arguments, already computed (a ubatch's layers share them)."""
     d = inv_freq.numel() * 2
-    xr, xp = x[..., :d], x[..., d:]
     cos, sin = angles or rope_angles(pos, inv_freq, x.device, freq_factors, mscale, ggml_theta)
+    lib = _native_f32(x, cos, sin) if x.dim() == 3 and cos.numel() == sin.numel() == x.shape[0] * d // 2 else None
+    if lib is not None:  # the same operations in one pass (rope_f32), hence the same bits
+        x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
+        y = torch.empty_like(x)
+        lib.rope_f32(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), x.shape[0], x.shape[1], x.shape[2], d,
+                     int(neox), y.data_ptr(), torch.get_num_threads())
+        return y
+    xr, xp = x[..., :d], x[..., d:]
     xf = xr.float()
     if neox:
         a, b = xf[..., : d // 2], xf[..., d // 2:]

@@ -36,6 +36,7 @@ import torch
 
 from .. import numerics
 from ..kernels import KV_BLOCK, attention
+from ..kernels.attention import attention_from_cache
 from ..batch import BatchAllocator, UBatch
 from ..errors import MemoryFullError, StateError
 from .base import Commit, Memory, Meta, Tensors, state_kind, state_rows, state_tensor
@@ -85,7 +86,10 @@ class LayerKV:
         view.store(il, k, v)
         n, h = q.shape[0], q.shape[1]
         out = q.new_empty(n, h, v.shape[-1])
+        kc, vc = view.cache.k[il], view.cache.v[il]
         for b in view.batches(q.device):  # groups of equal shape, computed together
+            if attention_from_cache(q, b.q_idx, kc, vc, b.cells, b.mask_for(window), scale, softcap, out):
+                continue  # (the native kernel reads the cache in place)
             kk, vv = view.kv(il, b)
             qq = q.index_select(0, b.q_idx).view(b.n, -1, h, q.shape[-1]).transpose(1, 2)
             o = attention(qq, kk.to(q.dtype), vv.to(q.dtype), b.mask_for(window), scale, softcap, view.fold)
@@ -106,8 +110,10 @@ class KVView:
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         kc, vc = self.cache.k[layer], self.cache.v[layer]
-        kc[:, self.slots.to(kc.device)] = k.transpose(0, 1).to(kc.dtype)
-        vc[:, self.slots.to(vc.device)] = v.transpose(0, 1).to(vc.dtype)
+        if self.slots.device != kc.device:
+            self.slots = self.slots.to(kc.device)
+        kc.index_copy_(1, self.slots, (k if k.dtype == kc.dtype else k.to(kc.dtype)).transpose(0, 1))
+        vc.index_copy_(1, self.slots, (v if v.dtype == vc.dtype else v.to(vc.dtype)).transpose(0, 1))
 
     def batches(self, device=None) -> list[AttnBatch]:
         """The groups, bunched by (n_q, n_kv) so equal shapes are computed in one call."""

@@ -174,7 +174,7 @@ class Block(nn.Module):
         return self.ssm_out(y.reshape(S * T, a.d_inner).to(u.dtype))
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ffn_down(kernels.silu(self.ffn_gate(x)) * self.ffn_up(x))
+        return self.ffn_down(kernels.swiglu(self.ffn_gate(x), self.ffn_up(x)))
 
     def forward(self, x: torch.Tensor, mem, off: torch.Tensor) -> torch.Tensor:
         r = self.args.residual_scale

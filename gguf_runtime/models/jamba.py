@@ -158,7 +158,7 @@ class Block(nn.Module):
         if self.is_moe:
             return moe_ffn(x, self.ffn_gate_inp, self.ffn_gate_exps, self.ffn_up_exps, self.ffn_down_exps,
                            self.args.n_expert_used, norm_w=False)
-        return self.ffn_down(kernels.silu(self.ffn_gate(x)) * self.ffn_up(x))
+        return self.ffn_down(kernels.swiglu(self.ffn_gate(x), self.ffn_up(x)))
 
     def forward(self, x: torch.Tensor, mem) -> torch.Tensor:
         h = self.attn_norm(x)

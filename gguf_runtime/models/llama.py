@@ -111,7 +111,7 @@ class Block(nn.Module):
         if a.n_expert:
             return moe_ffn(x, self.ffn_gate_inp, self.ffn_gate_exps, self.ffn_up_exps, self.ffn_down_exps,
                            a.n_expert_used, norm_w=True, w_scale=a.expert_weights_scale)
-        return self.ffn_down(kernels.silu(self.ffn_gate(x)) * self.ffn_up(x))
+        return self.ffn_down(kernels.swiglu(self.ffn_gate(x), self.ffn_up(x)))
 
     def forward(self, x, pos, kv, rope):
         x = x + self.attention(self.attn_norm(x), pos, kv, rope)

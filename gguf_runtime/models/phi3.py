@@ -101,7 +101,7 @@ class Block(nn.Module):
 
     def ffn(self, x):
         gate, up = self.ffn_up(x).chunk(2, -1)
-        return self.ffn_down(kernels.silu(gate) * up)
+        return self.ffn_down(kernels.swiglu(gate, up))
 
     def forward(self, x, pos, kv, rope):
         x = x + self.attention(self.attn_norm(x), pos, kv, rope)

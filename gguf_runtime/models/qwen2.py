@@ -85,7 +85,7 @@ class Block(nn.Module):
     def forward(self, x, pos, kv, rope):
         x = x + self.attention(self.attn_norm(x), pos, kv, rope)
         h = self.ffn_norm(x)
-        return x + self.ffn_down(kernels.silu(self.ffn_gate(h)) * self.ffn_up(h))
+        return x + self.ffn_down(kernels.swiglu(self.ffn_gate(h), self.ffn_up(h)))
 
 
 class Model(BaseModel):

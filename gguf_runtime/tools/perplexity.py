@@ -31,6 +31,7 @@ from .. import kernels
 from ..batch import Batch
 from ..context import Context
 from ..errors import BatchError
+from ..gguf import native
 from ..kernels.linear import pad_dim
 from .distributed import Dist, Runner
 
@@ -136,10 +137,15 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor | 
     row max, exponentials summed in double. ``rows``: score ``logits[rows]`` (without gathering them
     all: a 262k vocabulary makes every row 1 MiB).
 
-    Rows are taken ``_NLL_ROWS`` at a time, the last piece padded with zero rows, and exponentiated
+    On CPU float32 the native library computes it (``native.nll``: one fixed order per row, no
+    temporaries). Elsewhere rows are taken ``_NLL_ROWS`` at a time, the last piece padded with zero rows, and exponentiated
     lane-wise (``kernels.exp``): every piece has the same shape and every element goes through the
     same code, so a row's value does not depend on which rows share the call (a lone row's sum
     would otherwise be split across threads, in another order)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        fn = native.nll()
+        if fn is not None:  # (rows need unit column stride: almost always so already)
+            return fn(logits if logits.stride(-1) == 1 else logits.contiguous(), rows, targets.reshape(-1).long())
     n = targets.numel() if rows is None else rows.numel()
     targets = targets.to(logits.device).view(-1, 1)
     if rows is not None:
