@@ -147,3 +147,29 @@ def test_torch_fallback_is_invariant_too(gguf_dir, monkeypatch):
     slow = logits(512)
     assert torch.equal(logits(9), slow)
     assert not torch.equal(slow, fast) and (slow - fast).abs().max() < 1e-3 * fast.abs().max()
+
+
+def test_attention_in_place_on_a_ubatch_with_zero_rows():
+    """The encoder's use: keys and values are the ubatch's own (n, heads, d) rows seen transposed
+    (strided, not a cache), padding cells are -1 (zero rows, masked), and each group's outputs go
+    to rows in group order (``out_seq``) — the bits of gathering, zero-padding and :func:`attention`."""
+    import importlib
+
+    mod = importlib.import_module("gguf_runtime.kernels.attention")
+    g = torch.Generator().manual_seed(12)
+    n, h, d, B, L, Lk = 40, 12, 32, 3, 13, 64
+    qkv = torch.randn(n, 3, h, d, generator=g)  # a fused projection: q, k, v are strided slices
+    q, k, v = qkv[:, 0].contiguous(), qkv[:, 1], qkv[:, 2]
+    idx = torch.randperm(n, generator=g)[:B * L].view(B, L)
+    cells = torch.full((B, Lk), -1, dtype=torch.long)
+    cells[:, :L] = idx
+    mask = torch.zeros(B, L, Lk, dtype=torch.bool)
+    mask[:, :, :L] = torch.rand(B, L, L, generator=g) < 0.8
+    out = torch.empty(B * L, h, d)
+    assert mod.attention_from_cache(q, idx.flatten(), k.transpose(0, 1), v.transpose(0, 1), cells.flatten(), mask,
+                                    0.2, 0.0, out, out_seq=True)
+    kk = torch.zeros(B, h, Lk, d)
+    vv = torch.zeros(B, h, Lk, d)
+    kk[:, :, :L], vv[:, :, :L] = k[idx].transpose(1, 2), v[idx].transpose(1, 2)
+    ref = attention(q[idx].transpose(1, 2), kk, vv, mask, 0.2).reshape(B * L, h, d)
+    assert torch.equal(out, ref)

@@ -849,42 +849,50 @@ static inline void scores(const float *const *qs, const float *const *ks, int64_
 #if defined(__AVX512F__) && EC == 64
 /* p @ v for EC columns (from e0) of gt heads (p in sc, one row of NKV per head; value row j at
  * vr[j]), key after key over the seen blocks: o[t][e] = fmaf(p[t][j], v[j][e], o[t][e]) in increasing j, as the plain loop below */
-static inline __attribute__((always_inline)) void pv(const int gt, const float *restrict sc,
+static inline __attribute__((always_inline)) void pv(const int gt, const int nv, const float *restrict sc,
                                                      const float *const *restrict vr, int64_t e0,
                                                      const uint8_t *restrict seen, int64_t nb, int64_t NKV,
                                                      float o[GT][EC]) {
     __m512 acc[GT][4];
     for (int t = 0; t < gt; t++)
-        for (int c = 0; c < 4; c++) acc[t][c] = _mm512_setzero_ps();
+        for (int c = 0; c < nv; c++) acc[t][c] = _mm512_setzero_ps();
     for (int64_t jb = 0; jb < nb; jb++) {
         if (!seen[jb]) continue;
         for (int64_t j = jb * AB; j < jb * AB + AB; j++) {
             const float *vj = vr[j] + e0;
-            const __m512 v0 = _mm512_loadu_ps(vj), v1 = _mm512_loadu_ps(vj + 16), v2 = _mm512_loadu_ps(vj + 32),
-                         v3 = _mm512_loadu_ps(vj + 48);
+            __m512 vv[4];
+            for (int c = 0; c < nv; c++) vv[c] = _mm512_loadu_ps(vj + 16 * c);
             for (int t = 0; t < gt; t++) {
                 const __m512 p = _mm512_set1_ps(sc[t * NKV + j]);
-                acc[t][0] = _mm512_fmadd_ps(p, v0, acc[t][0]);
-                acc[t][1] = _mm512_fmadd_ps(p, v1, acc[t][1]);
-                acc[t][2] = _mm512_fmadd_ps(p, v2, acc[t][2]);
-                acc[t][3] = _mm512_fmadd_ps(p, v3, acc[t][3]);
+                for (int c = 0; c < nv; c++) acc[t][c] = _mm512_fmadd_ps(p, vv[c], acc[t][c]);
             }
         }
     }
     for (int t = 0; t < gt; t++)
-        for (int c = 0; c < 4; c++) _mm512_storeu_ps(o[t] + 16 * c, acc[t][c]);
+        for (int c = 0; c < nv; c++) _mm512_storeu_ps(o[t] + 16 * c, acc[t][c]);
 }
+#define PV_NV(gt, ne, ...)                                                                       \
+    switch ((ne) / 16) { /* the column vectors a constant in each copy too */                   \
+    case 1: pv(gt, 1, __VA_ARGS__); break;                                                       \
+    case 2: pv(gt, 2, __VA_ARGS__); break;                                                       \
+    case 3: pv(gt, 3, __VA_ARGS__); break;                                                       \
+    default: pv(gt, 4, __VA_ARGS__); break;                                                      \
+    }
 #endif
 
 /* Where attn_core finds its operands. Batched layout (attn_f32): q (B, H, NQ, D), kT (B, HKV, D,
- * NKV), v (B, HKV, NKV, DV), out (B, NQ, H, DV). Cache layout (attn_kv_f32, qidx set): query i of
- * group b is row qidx[b NQ + i] of q (n, H, D) and of out (n, H, DV); key j is cache cell
- * cells[b NKV + j] of vc (HKV, CELLS, DV), kT holding those keys transposed (gathered first). */
+ * NKV), v (B, HKV, NKV, DV), out (B, NQ, H, DV). Indexed layout (attn_kv_f32, qidx set): query i
+ * of group b is row qidx[b NQ + i] of q (n, H, D), its output row the same of out (n, H, DV) or,
+ * with out_seq, row b NQ + i; key j is row cells[b NKV + j] of the values, head h's value at
+ * v + h v_sh + cell v_sc (cell -1: a zero row), kT holding those keys transposed (gathered first). */
 typedef struct {
     const float *q, *kT, *v;
     const int64_t *qidx, *cells;
-    int64_t CELLS;
+    int64_t v_sh, v_sc;
+    int out_seq;
 } attn_src;
+
+static const float ZERO_ROW[1024] __attribute__((aligned(64))); /* value rows of cell -1 (DV <= 1024) */
 
 static void attn_core(attn_src src, const uint8_t *restrict mask, int64_t B, int64_t H, int64_t HKV, int64_t NQ,
                       int64_t NKV, int64_t D, int64_t DV, float scale, float cap, float *restrict out, int nt) {
@@ -900,7 +908,7 @@ static void attn_core(attn_src src, const uint8_t *restrict mask, int64_t B, int
             const int64_t b = it / (HKV * NQ), kvh = (it / NQ) % HKV, i = it % NQ;
             const uint8_t *mi = mask + (b * NQ + i) * NKV;
             const float *kt = kT + (b * HKV + kvh) * D * NKV;
-            const int64_t row = src.qidx ? src.qidx[b * NQ + i] : -1;
+            const int64_t row = src.qidx ? src.qidx[b * NQ + i] : -1, orow = src.out_seq ? b * NQ + i : row;
             int any = 0;
             for (int64_t jb = 0; jb < nb; jb++) {
                 int s = 0;
@@ -915,7 +923,7 @@ static void attn_core(attn_src src, const uint8_t *restrict mask, int64_t B, int
                 for (int t = 0; t < gt; t++) {
                     const int64_t hh = kvh * g + t0 + t;
                     qh[t] = q + (row < 0 ? (b * H + hh) * NQ + i : row * H + hh) * D;
-                    oh[t] = out + (row < 0 ? (b * NQ + i) * H + hh : row * H + hh) * DV;
+                    oh[t] = out + (row < 0 ? (b * NQ + i) * H + hh : orow * H + hh) * DV;
                 }
                 if (!any) {
                     for (int t = 0; t < gt; t++) memset(oh[t], 0, (size_t)DV * 4);
@@ -975,23 +983,26 @@ static void attn_core(attn_src src, const uint8_t *restrict mask, int64_t B, int
                 for (int64_t jb = 0; jb < nb; jb++) /* value rows of the seen blocks */
                     if (seen[jb])
                         for (int64_t j = jb * AB; j < jb * AB + AB; j++)
-                            vr[j] = src.qidx ? src.v + (kvh * src.CELLS + src.cells[b * NKV + j]) * DV
-                                             : src.v + ((b * HKV + kvh) * NKV + j) * DV;
+                            vr[j] = !src.qidx ? src.v + ((b * HKV + kvh) * NKV + j) * DV
+                                    : src.cells[b * NKV + j] < 0 ? ZERO_ROW
+                                    : src.v + kvh * src.v_sh + src.cells[b * NKV + j] * src.v_sc;
                 /* p @ v: EC columns of every head at a time, key after key (hidden keys add exact
                  * zeros: p = 0) */
                 for (int64_t e0 = 0; e0 < DV; e0 += EC) {
                     const int64_t ne = DV - e0 < EC ? DV - e0 : EC;
-                    float o[GT][EC] __attribute__((aligned(64))) = {{0}};
+                    float o[GT][EC] __attribute__((aligned(64)));
 #if defined(__AVX512F__)
-                    if (ne == EC) {
+                    if (ne % 16 == 0) {
                         switch (gt) { /* the head count a constant in each copy: o stays in registers */
-                        case 1: pv(1, sc, vr, e0, seen, nb, NKV, o); break;
-                        case 2: pv(2, sc, vr, e0, seen, nb, NKV, o); break;
-                        case 3: pv(3, sc, vr, e0, seen, nb, NKV, o); break;
-                        default: pv(4, sc, vr, e0, seen, nb, NKV, o); break;
+                        case 1: PV_NV(1, ne, sc, vr, e0, seen, nb, NKV, o); break;
+                        case 2: PV_NV(2, ne, sc, vr, e0, seen, nb, NKV, o); break;
+                        case 3: PV_NV(3, ne, sc, vr, e0, seen, nb, NKV, o); break;
+                        default: PV_NV(4, ne, sc, vr, e0, seen, nb, NKV, o); break;
                         }
                     } else
 #endif
+                    {
+                    for (int t = 0; t < gt; t++) memset(o[t], 0, (size_t)ne * 4);
                     for (int64_t jb = 0; jb < nb; jb++) {
                         if (!seen[jb]) continue;
                         for (int l = 0; l < AB; l++) {
@@ -1002,6 +1013,7 @@ static void attn_core(attn_src src, const uint8_t *restrict mask, int64_t B, int
                                 for (int64_t e = 0; e < ne; e++) o[t][e] = fmaf(pt, vj[e], o[t][e]);
                             }
                         }
+                    }
                     }
                     for (int t = 0; t < gt; t++)
                         for (int64_t e = 0; e < ne; e++) oh[t][e0 + e] = o[t][e] / lsum[t];
@@ -1017,19 +1029,22 @@ static void attn_core(attn_src src, const uint8_t *restrict mask, int64_t B, int
 void attn_f32(const float *restrict q, const float *restrict kT, const float *restrict v, const uint8_t *restrict mask,
               int64_t B, int64_t H, int64_t HKV, int64_t NQ, int64_t NKV, int64_t D, int64_t DV,
               float scale, float cap, float *restrict out, int nt) {
-    const attn_src src = {q, kT, v, NULL, NULL, 0};
+    const attn_src src = {q, kT, v, NULL, NULL, 0, 0, 0};
     attn_core(src, mask, B, H, HKV, NQ, NKV, D, DV, scale, cap, out, nt);
 }
 
-/* attn_f32 over the KV cache itself: kc (HKV, CELLS, D), vc (HKV, CELLS, DV), the keys of group b
- * cells[b NKV .. b NKV + NKV - 1] (NKV a multiple of 16, in the order attn_f32 wants them), its
- * queries rows qidx[b NQ ..] of q (n, H, D), written to the same rows of out (n, H, DV). The keys
- * are gathered transposed into a scratch buffer first; values are read in place. Same bits as
- * gathering the operands and calling attn_f32. */
-void attn_kv_f32(const float *restrict q, const int64_t *restrict qidx, const float *restrict kc,
-                 const float *restrict vc, const int64_t *restrict cells, const uint8_t *restrict mask, int64_t B,
-                 int64_t H, int64_t HKV, int64_t NQ, int64_t NKV, int64_t CELLS, int64_t D, int64_t DV,
-                 float scale, float cap, float *restrict out, int nt) {
+/* attn_f32 on operands left where they are (the KV cache, an encoder's ubatch): head h's key of
+ * cell c at k + h k_sh + c k_sc (likewise v), the keys of group b cells[b NKV .. b NKV + NKV - 1]
+ * (NKV a multiple of 16, in the order attn_f32 wants them; -1: a zero row, to be masked), its
+ * queries rows qidx[b NQ ..] of q (n, H, D), written to the same rows of out (n, H, DV) or, with
+ * out_seq, to rows b NQ + i (B NQ rows). The keys are gathered transposed into a scratch buffer
+ * first; values are read in place. Same bits as gathering the operands and calling attn_f32. */
+void attn_kv_f32(const float *restrict q, const int64_t *restrict qidx, const float *restrict k,
+                 const float *restrict v, const int64_t *restrict cells, const uint8_t *restrict mask, int64_t B,
+                 int64_t H, int64_t HKV, int64_t NQ, int64_t NKV, int64_t k_sh, int64_t k_sc, int64_t v_sh,
+                 int64_t v_sc, int64_t D, int64_t DV, float scale, float cap, float *restrict out, int out_seq,
+                 int nt) {
+    if (DV > 1024) return; /* (the caller checks) */
     float *kT = aligned_alloc(64, (size_t)(B * HKV * D * NKV * 4 + 63) / 64 * 64);
     (void)nt;
     OMP(parallel for num_threads(nt) schedule(static) if(nt > 1 && B * HKV * NKV * D >= (1 << 15)))
@@ -1037,11 +1052,12 @@ void attn_kv_f32(const float *restrict q, const int64_t *restrict qidx, const fl
         const int64_t b = r / HKV, kvh = r % HKV;
         float *dst = kT + r * D * NKV;
         for (int64_t j = 0; j < NKV; j++) {
-            const float *kj = kc + (kvh * CELLS + cells[b * NKV + j]) * D;
-            for (int64_t dd = 0; dd < D; dd++) dst[dd * NKV + j] = kj[dd];
+            const int64_t c = cells[b * NKV + j];
+            const float *kj = k + kvh * k_sh + c * k_sc;
+            for (int64_t dd = 0; dd < D; dd++) dst[dd * NKV + j] = c < 0 ? 0.0f : kj[dd];
         }
     }
-    const attn_src src = {q, kT, vc, qidx, cells, CELLS};
+    const attn_src src = {q, kT, v, qidx, cells, v_sh, v_sc, out_seq};
     attn_core(src, mask, B, H, HKV, NQ, NKV, D, DV, scale, cap, out, nt);
     free(kT);
 }
@@ -1190,7 +1206,7 @@ void silu_f32(const float *restrict g, const float *restrict u, int64_t n, float
 }
 
 /* The ABI version Python checks after loading (bump when a signature changes). */
-int dq_abi(void) { return 8; }
+int dq_abi(void) { return 9; }
 
 /* partial sums per output of qmm (K must be a multiple) */
 int qmm_lanes(void) { return QL; }

@@ -44,7 +44,7 @@ T = GGMLQuantizationType
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("_dequant.c")
-ABI = 8
+ABI = 9
 TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL, T.MXFP4, T.NVFP4,
          T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS, T.TQ1_0, T.TQ2_0,
          T.IQ3_XXS, T.IQ3_S, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M)
@@ -154,8 +154,8 @@ def library() -> ctypes.CDLL | None:
         lib.attn_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 7 + [ctypes.c_float] * 2 + [
             ctypes.c_void_p, ctypes.c_int]
         lib.attn_f32.restype = None
-        lib.attn_kv_f32.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 8 + [ctypes.c_float] * 2 + [
-            ctypes.c_void_p, ctypes.c_int]
+        lib.attn_kv_f32.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 11 + [ctypes.c_float] * 2 + [
+            ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         lib.attn_kv_f32.restype = None
         lib.nll_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3 + [
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
@@ -229,21 +229,23 @@ def attention() -> Callable[..., None] | None:
 
 
 def attention_kv() -> Callable[..., None] | None:
-    """The fixed-order attention read straight from a KV cache (``attn_kv_f32``, see the C file) as
-    ``fn(q, q_idx, kc, vc, cells, mask, scale, cap, out)``: ``q`` (n, H, D), ``kc`` (HKV, CELLS, D),
-    ``vc`` (HKV, CELLS, DV), ``out`` (n, H, DV) contiguous CPU float32; ``q_idx`` (B * NQ,) and
-    ``cells`` (B * NKV,) int64, ``mask`` (B, NQ, NKV) bool, NKV a multiple of 16. The same bits as
-    :func:`attention` on the gathered operands. ``None`` when unavailable."""
+    """The fixed-order attention on operands left in place (``attn_kv_f32``, see the C file) as
+    ``fn(q, q_idx, k, v, cells, mask, scale, cap, out, out_seq)``: ``q`` (n, H, D) contiguous; ``k``
+    / ``v`` CPU float32 tensors whose element ``[h, c]`` (a (D,) or (DV,) row, unit stride) is head
+    h's key / value of cell c — a cache layer (HKV, CELLS, D) or a ubatch's (n, HKV, D) transposed;
+    ``q_idx`` (B * NQ,) and ``cells`` (B * NKV,, -1 for a zero row) int64, ``mask`` (B, NQ, NKV) bool,
+    NKV a multiple of 16; ``out`` (n, H, DV), or (B * NQ, H, DV) in group order with ``out_seq``.
+    The same bits as :func:`attention` on the gathered operands. ``None`` when unavailable."""
     lib = _lib()
     if lib is None:
         return None
     fn = lib.attn_kv_f32
 
-    def run(q, q_idx, kc, vc, cells, mask, scale: float, cap: float, out) -> None:
+    def run(q, q_idx, k, v, cells, mask, scale: float, cap: float, out, out_seq: bool = False) -> None:
         B, NQ, NKV = mask.shape
-        fn(q.data_ptr(), q_idx.data_ptr(), kc.data_ptr(), vc.data_ptr(), cells.data_ptr(), mask.data_ptr(),
-           B, q.shape[1], kc.shape[0], NQ, NKV, kc.shape[1], q.shape[2], vc.shape[2], scale, cap,
-           out.data_ptr(), torch.get_num_threads())
+        fn(q.data_ptr(), q_idx.data_ptr(), k.data_ptr(), v.data_ptr(), cells.data_ptr(), mask.data_ptr(),
+           B, q.shape[1], k.shape[0], NQ, NKV, k.stride(0), k.stride(1), v.stride(0), v.stride(1), q.shape[2],
+           v.shape[2], scale, cap, out.data_ptr(), int(out_seq), torch.get_num_threads())
 
     return run
 

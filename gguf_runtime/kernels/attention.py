@@ -175,13 +175,15 @@ _NATIVE_KV: list = []
 
 
 def attention_from_cache(q: torch.Tensor, q_idx: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, cells: torch.Tensor,
-                         mask: torch.Tensor, scale: float, softcap: float, out: torch.Tensor) -> bool:
+                         mask: torch.Tensor, scale: float, softcap: float, out: torch.Tensor, out_seq: bool = False) -> bool:
     """:func:`attention` of the groups whose queries are rows ``q_idx`` of ``q`` (n, h, d) and whose
-    keys are cells ``cells`` of a cache layer ``kc`` / ``vc`` ((n_head_kv, n_cells, d)), written to
-    the same rows of ``out`` (n, h, d_v), without gathering the operands: the native kernel
-    (``attn_kv_f32``), with the same bits as gathering them and calling :func:`attention`. Returns
-    False (nothing done) where that path does not apply: not invariant numerics, not contiguous CPU
-    float32, key lists not whole blocks of 16, or no library."""
+    keys are cells ``cells`` of ``kc`` / ``vc`` — a cache layer (n_head_kv, n_cells, d), or any
+    tensor whose ``[head, cell]`` is a unit-stride row, such as a ubatch's (n, n_head_kv, d) seen
+    transposed; cell -1 is a zero row — written to the same rows of ``out`` (n, h, d_v), or with
+    ``out_seq`` to rows ``0 .. B * n_q - 1`` in group order, without gathering the operands: the
+    native kernel (``attn_kv_f32``), with the same bits as gathering them and calling
+    :func:`attention`. Returns False (nothing done) where that path does not apply: not invariant
+    numerics, not CPU float32, key lists not whole blocks of 16, d_v over 1024, or no library."""
     if not _NATIVE_KV:
         from ..gguf import native
 
@@ -190,9 +192,9 @@ def attention_from_cache(q: torch.Tensor, q_idx: torch.Tensor, kc: torch.Tensor,
     if fn is None or not numerics.current().invariant or q.device.type != "cpu" or mask.shape[-1] % 16:
         return False
     if not (q.dtype == kc.dtype == vc.dtype == out.dtype == torch.float32 and q.is_contiguous()
-            and kc.is_contiguous() and vc.is_contiguous() and out.is_contiguous() and mask.is_contiguous()):
+            and kc.stride(2) == 1 and vc.stride(2) == 1 and vc.shape[2] <= 1024 and out.is_contiguous()):
         return False
-    fn(q, q_idx, kc, vc, cells, mask, scale, softcap, out)
+    fn(q, q_idx, kc, vc, cells, mask.contiguous(), scale, softcap, out, out_seq)
     return True
 
 

@@ -18,6 +18,7 @@ import torch
 from ..batch import BatchAllocator, UBatch
 from ..errors import BatchError
 from ..kernels import KV_BLOCK, attention
+from ..kernels.attention import attention_from_cache
 from ..kernels.linear import pad_dim
 from .base import Commit, Memory, Meta, Tensors, state_kind
 
@@ -36,6 +37,7 @@ class Bucket:
     key_idx: torch.Tensor | None = None
     key_pad: torch.Tensor | None = None
     key_mask: torch.Tensor | None = None
+    key_cells: torch.Tensor | None = None  # key_idx with the padding as -1 (a zero row: the native kernel's)
 
     def __post_init__(self):
         S, L = self.idx.shape
@@ -44,6 +46,7 @@ class Bucket:
         pad[:, L:] = True
         self.key_idx = pad_dim(self.idx, Lk, 1).flatten()
         self.key_pad = pad.flatten().nonzero().flatten()
+        self.key_cells = self.key_idx.masked_fill(pad.flatten(), -1)  # the padding as zero rows (-1)
         self.key_mask = pad_dim(self.mask, Lk, 2)
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -74,6 +77,11 @@ class EncoderView:
         outs = []
         for b in self.buckets:
             S, L = b.idx.shape
+            o = q.new_empty(S * L, q.shape[1], v.shape[-1])
+            if attention_from_cache(q, b.idx.flatten(), k.transpose(0, 1), v.transpose(0, 1), b.key_cells, b.key_mask,
+                                    scale, softcap, o, out_seq=True):  # the native kernel reads k, v in place
+                outs.append(o)
+                continue
             qq = q.index_select(0, b.idx.flatten()).view(S, L, *q.shape[1:]).transpose(1, 2)  # (S, heads, L, d)
             o = attention(qq, b.gather(k), b.gather(v), b.key_mask, scale, softcap)  # (S, L, heads, d_v)
             outs.append(o.reshape(-1, o.shape[-2], o.shape[-1]))
