@@ -205,3 +205,27 @@ def test_other_builds_compute_the_same_order(tmp_path, flags):
         out = torch.empty(n, k)
         dq(raw.data_ptr(), out.data_ptr(), raw.numel() // GGML_QUANT_SIZES[T[name]][1], 1)
         assert torch.equal(out, w), name
+
+
+def test_projections_of_one_input_in_one_call(gguf_dir):
+    """``layers.project`` (q, k, v; gate and up) multiplies by several quant weights in one native
+    call: each product torch.equal to its own module's, for 1 and 7 rows; with a bias (or a weight
+    without a fused kernel) it falls back to the modules one by one."""
+    from gguf_runtime.models import layers
+
+    m = load_model(gguf_dir / "llama-tiny-Q4_K_M.gguf", weights="quant")
+    blk = m.blk[0]
+    for n in (1, 7):
+        x = torch.randn(n, blk.attn_q.lazy.shape[1], generator=torch.Generator().manual_seed(n))
+        got = layers.project(x, blk.attn_q, blk.attn_k, blk.attn_v)
+        assert layers._PLANS[blk.attn_q][(blk.attn_q, blk.attn_k, blk.attn_v)] is not None  # the native call ran
+        for y, mod in zip(got, (blk.attn_q, blk.attn_k, blk.attn_v)):
+            assert torch.equal(y, mod(x))
+    blk.ffn_up.bias = torch.ones(blk.ffn_up.lazy.shape[0])
+    try:
+        x = torch.randn(3, blk.ffn_gate.lazy.shape[1])
+        g, u = layers.project(x, blk.ffn_gate, blk.ffn_up)
+        assert layers._PLANS[blk.ffn_gate][(blk.ffn_gate, blk.ffn_up)] is None
+        assert torch.equal(u, blk.ffn_up(x)) and torch.equal(g, blk.ffn_gate(x))
+    finally:
+        blk.ffn_up.bias = None

@@ -774,6 +774,14 @@ void qmm_f32(const uint8_t *w, int64_t N, int64_t K, const float *x, int64_t M, 
     qmm_panels(w, K * 4, N, K, x, M, y, nt, NULL);
 }
 
+/* Several products of one x (a layer's q, k, v; gate and up) in one call: y[i] = x @ W_i.T by
+ * qmm function fns[i] on weights ws[i] of Ns[i] rows -- each exactly the single call's result. */
+typedef void (*qmm_fn)(const uint8_t *, int64_t, int64_t, const float *, int64_t, float *, int);
+void qmm_many(int count, const qmm_fn *fns, const uint8_t *const *ws, const int64_t *Ns, int64_t K, const float *x,
+              int64_t M, float *const *ys, int nt) {
+    for (int i = 0; i < count; i++) fns[i](ws[i], Ns[i], K, x, M, ys[i], nt);
+}
+
 /* ---- attention over fixed-order sums ---------------------------------------------------------
  *
  * attn_f32(q, kT, v, mask, B, H, HKV, NQ, NKV, D, DV, scale, cap, out, nt): for every group b,
@@ -1206,7 +1214,7 @@ void silu_f32(const float *restrict g, const float *restrict u, int64_t n, float
 }
 
 /* The ABI version Python checks after loading (bump when a signature changes). */
-int dq_abi(void) { return 9; }
+int dq_abi(void) { return 10; }
 
 /* partial sums per output of qmm (K must be a multiple) */
 int qmm_lanes(void) { return QL; }

@@ -44,7 +44,7 @@ T = GGMLQuantizationType
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("_dequant.c")
-ABI = 9
+ABI = 10
 TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL, T.MXFP4, T.NVFP4,
          T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS, T.TQ1_0, T.TQ2_0,
          T.IQ3_XXS, T.IQ3_S, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M)
@@ -171,6 +171,9 @@ def library() -> ctypes.CDLL | None:
             fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                            ctypes.c_void_p, ctypes.c_int]
             fn.restype = None
+        lib.qmm_many.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p,
+                                                                        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+        lib.qmm_many.restype = None
         log.debug("native dequant: %s (%s)", so, " ".join(flags) or "no extra flags")
         return lib
     return None
@@ -208,6 +211,28 @@ def matmul(qtype: GGMLQuantizationType) -> Callable[[torch.Tensor, int, int, tor
         # the weight is set up (kernels.linear.qmatmul) and the rows made (qlinear), not per call
         fn(raw.data_ptr(), n, k, x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
 
+    return run
+
+
+def matmul_group(parts: list[tuple[GGMLQuantizationType, torch.Tensor, int]], k: int):
+    """:func:`matmul` of one ``x`` by several weights at once (``qmm_many``), as ``fn(x, ys)`` with
+    ``ys`` one (m, n_i) float32 output per part ``(qtype, raw, n_i)`` (all ``k`` columns); each
+    product exactly the single call's. ``None`` when unavailable or a type has no kernel."""
+    lib = _lib()
+    if lib is None or any(QMM_TYPES.get(q) is None for q, _, _ in parts):
+        return None
+    n = len(parts)
+    fns = (ctypes.c_void_p * n)(*(ctypes.cast(getattr(lib, "qmm_" + QMM_TYPES[q]), ctypes.c_void_p).value
+                                  for q, _, _ in parts))
+    raws = [r for _, r, _ in parts]  # kept alive with the plan
+    ws = (ctypes.c_void_p * n)(*(r.data_ptr() for r in raws))
+    ns = (ctypes.c_int64 * n)(*(int(m) for _, _, m in parts))
+    fn, Ptrs = lib.qmm_many, ctypes.c_void_p * n
+
+    def run(x: torch.Tensor, ys: list[torch.Tensor]) -> None:
+        fn(n, fns, ws, ns, k, x.data_ptr(), x.shape[0], Ptrs(*(y.data_ptr() for y in ys)), torch.get_num_threads())
+
+    run.raws = raws
     return run
 
 

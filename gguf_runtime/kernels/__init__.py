@@ -11,9 +11,9 @@ Every model computes through these, under the :class:`~gguf_runtime.numerics.Num
 """
 from .attention import attention
 from .calibrate import KV_BLOCK
-from .elementwise import exp, gelu, gelu_tanh, layer_norm, log_softmax, rms_norm, silu, softcap, softcap_, softplus, swiglu, tanh
+from .elementwise import exp, geglu, gelu, gelu_tanh, layer_norm, log_softmax, rms_norm, silu, softcap, softcap_, softplus, swiglu, tanh
 from .linear import linear, qlinear, qmatmul
 from .rope import rope, rope_freqs
 
-__all__ = ["attention", "KV_BLOCK", "exp", "gelu", "gelu_tanh", "layer_norm", "log_softmax", "rms_norm", "silu", "swiglu",
+__all__ = ["attention", "KV_BLOCK", "exp", "geglu", "gelu", "gelu_tanh", "layer_norm", "log_softmax", "rms_norm", "silu", "swiglu",
            "softcap", "softcap_", "softplus", "tanh", "linear", "qlinear", "qmatmul", "rope", "rope_freqs"]

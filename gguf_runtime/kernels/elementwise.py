@@ -118,6 +118,11 @@ def softplus(x: torch.Tensor) -> torch.Tensor:
     return lanewise(F.softplus, x)
 
 
+def geglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``gelu_tanh(g) * u`` (Gemma's feed-forward)."""
+    return gelu_tanh(g) * u
+
+
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """The exact (erf) GELU."""
     return lanewise(F.gelu, x)

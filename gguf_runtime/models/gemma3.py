@@ -37,7 +37,7 @@ from ..memory.kv_iswa import ISWAView, KVCacheISWA
 from ..numerics import Numerics
 from .base import Model as BaseModel
 from .base import ModelArgs as BaseArgs
-from .layers import Embedding, Linear, RMSNorm
+from .layers import Embedding, Linear, RMSNorm, project
 
 
 @dataclass
@@ -125,14 +125,15 @@ class Block(nn.Module):
 
     def attention(self, x, pos, kv, rope):
         a, n = self.args, x.shape[0]
-        q = rope(self.attn_q_norm(self.attn_q(x).view(n, a.n_head, a.head_dim)), pos)
-        k = rope(self.attn_k_norm(self.attn_k(x).view(n, a.n_head_kv, a.head_dim)), pos)
-        v = self.attn_v(x).view(n, a.n_head_kv, a.head_dim_v)
+        q, k, v = project(x, self.attn_q, self.attn_k, self.attn_v)
+        q = rope(self.attn_q_norm(q.view(n, a.n_head, a.head_dim)), pos)
+        k = rope(self.attn_k_norm(k.view(n, a.n_head_kv, a.head_dim)), pos)
+        v = v.view(n, a.n_head_kv, a.head_dim_v)
         o = kv.attend(q, k, v, scale=a.attn_scale, window=self.window)
         return self.attn_output(o.reshape(n, -1))
 
     def ffn(self, x):
-        return self.ffn_down(kernels.gelu_tanh(self.ffn_gate(x)) * self.ffn_up(x))
+        return self.ffn_down(kernels.geglu(*project(x, self.ffn_gate, self.ffn_up)))
 
     def forward(self, x, pos, kv, rope):
         x = x + self.post_attention_norm(self.attention(self.attn_norm(x), pos, kv, rope))

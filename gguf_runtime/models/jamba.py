@@ -33,7 +33,7 @@ from ..memory.recurrent import RecurrentMemory
 from ..numerics import Numerics
 from .base import Model as BaseModel
 from .base import ModelArgs as BaseArgs
-from .layers import Embedding, Linear, RMSNorm, Weights, param
+from .layers import Embedding, Linear, RMSNorm, Weights, param, project
 from .moe import Experts, moe_ffn
 
 
@@ -134,9 +134,10 @@ class Block(nn.Module):
 
     def attention(self, x: torch.Tensor, kv) -> torch.Tensor:
         a, n = self.args, x.shape[0]
-        q = self.attn_q(x).view(n, a.n_head, a.head_dim)
-        k = self.attn_k(x).view(n, -1, a.head_dim)
-        v = self.attn_v(x).view(n, -1, a.head_dim)
+        q, k, v = project(x, self.attn_q, self.attn_k, self.attn_v)
+        q = q.view(n, a.n_head, a.head_dim)
+        k = k.view(n, -1, a.head_dim)
+        v = v.view(n, -1, a.head_dim)
         return self.attn_output(kv.attend(q, k, v, scale=self.scale).reshape(n, -1))
 
     def mamba(self, h: torch.Tensor, st) -> torch.Tensor:
@@ -158,7 +159,7 @@ class Block(nn.Module):
         if self.is_moe:
             return moe_ffn(x, self.ffn_gate_inp, self.ffn_gate_exps, self.ffn_up_exps, self.ffn_down_exps,
                            self.args.n_expert_used, norm_w=False)
-        return self.ffn_down(kernels.swiglu(self.ffn_gate(x), self.ffn_up(x)))
+        return self.ffn_down(kernels.swiglu(*project(x, self.ffn_gate, self.ffn_up)))
 
     def forward(self, x: torch.Tensor, mem) -> torch.Tensor:
         h = self.attn_norm(x)

@@ -21,6 +21,8 @@ alone (checked once per shape, backend and thread count on random data, at load)
 """
 from __future__ import annotations
 
+from weakref import WeakKeyDictionary
+
 import torch
 from torch import nn
 
@@ -115,6 +117,45 @@ class Linear(nn.Module):
         return torch.cat([kernels.linear(x, w.block(r, min(r + ROW_BLOCK, w.shape[0])),
                                          None if b is None else b[r:r + ROW_BLOCK], self.source, fresh=True)
                           for r in range(0, w.shape[0], ROW_BLOCK)], -1)
+
+
+_PLANS: WeakKeyDictionary = WeakKeyDictionary()  # first module -> {modules: native group call or None}
+
+
+def project(x: torch.Tensor, *mods: Linear) -> tuple[torch.Tensor, ...]:
+    """``tuple(m(x) for m in mods)``: the projections of one input (q, k, v; gate, up). With quant
+    weights and the native kernels, one call computes them all (``native.matmul_group``; each
+    product exactly its own call's, so the same bits), saving the per-call overhead at decode."""
+    known = _PLANS.get(mods[0])
+    plan = known[mods] if known is not None and mods in known else _plan(mods)
+    if plan is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 \
+            or numerics.current().ggml:
+        return tuple(m(x) for m in mods)
+    x = x.contiguous()
+    buf = torch.empty(x.shape[0] * plan.total)
+    ys, o = [], 0
+    for n in plan.ns:
+        ys.append(buf[o:o + x.shape[0] * n].view(x.shape[0], n))
+        o += x.shape[0] * n
+    plan(x, ys)
+    return tuple(ys)
+
+
+def _plan(mods: tuple[Linear, ...]):
+    """The native group call of ``mods`` (None where one of them has no fused kernel, a bias, or
+    another input width), remembered per module tuple."""
+    from ..gguf import native
+
+    ws = [m.lazy for m in mods]
+    plan = None
+    if all(w is not None and w.kernel is not None for w in ws) and all(m.bias is None for m in mods) \
+            and len({w.shape[1] for w in ws}) == 1:
+        plan = native.matmul_group([(w.qtype, w.raw, w.shape[0]) for w in ws], ws[0].shape[1])
+        if plan is not None:
+            plan.ns = [w.shape[0] for w in ws]
+            plan.total = sum(plan.ns)
+    _PLANS.setdefault(mods[0], {})[mods] = plan
+    return plan
 
 
 def row_blocks_exact(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> bool:

@@ -24,7 +24,7 @@ from ..memory.kv_cache import KVCache, KVView
 from ..numerics import Numerics
 from .base import Model as BaseModel
 from .base import ModelArgs as BaseArgs
-from .layers import Embedding, Linear, RMSNorm, Weights
+from .layers import Embedding, Linear, RMSNorm, Weights, project
 from .moe import Experts, moe_ffn
 
 
@@ -101,9 +101,10 @@ class Block(nn.Module):
 
     def attention(self, x, pos, kv, rope):
         a, n = self.args, x.shape[0]
-        q = rope(self.attn_q(x).view(n, a.n_head, a.head_dim), pos)
-        k = rope(self.attn_k(x).view(n, a.n_head_kv, a.head_dim), pos)
-        v = self.attn_v(x).view(n, a.n_head_kv, a.head_dim)
+        q, k, v = project(x, self.attn_q, self.attn_k, self.attn_v)
+        q = rope(q.view(n, a.n_head, a.head_dim), pos)
+        k = rope(k.view(n, a.n_head_kv, a.head_dim), pos)
+        v = v.view(n, a.n_head_kv, a.head_dim)
         return self.attn_output(kv.attend(q, k, v, scale=self.scale).reshape(n, -1))
 
     def ffn(self, x):
@@ -111,7 +112,7 @@ class Block(nn.Module):
         if a.n_expert:
             return moe_ffn(x, self.ffn_gate_inp, self.ffn_gate_exps, self.ffn_up_exps, self.ffn_down_exps,
                            a.n_expert_used, norm_w=True, w_scale=a.expert_weights_scale)
-        return self.ffn_down(kernels.swiglu(self.ffn_gate(x), self.ffn_up(x)))
+        return self.ffn_down(kernels.swiglu(*project(x, self.ffn_gate, self.ffn_up)))
 
     def forward(self, x, pos, kv, rope):
         x = x + self.attention(self.attn_norm(x), pos, kv, rope)

@@ -20,7 +20,7 @@ from ..memory.kv_cache import KVCache, KVView
 from ..numerics import Numerics
 from .base import Model as BaseModel
 from .base import ModelArgs as BaseArgs
-from .layers import Embedding, Linear, RMSNorm
+from .layers import Embedding, Linear, RMSNorm, project
 
 
 @dataclass
@@ -77,15 +77,16 @@ class Block(nn.Module):
 
     def attention(self, x, pos, kv, rope):
         a, n = self.args, x.shape[0]
-        q = rope(self.attn_q(x).view(n, a.n_head, a.head_dim), pos)
-        k = rope(self.attn_k(x).view(n, a.n_head_kv, a.head_dim), pos)
-        v = self.attn_v(x).view(n, a.n_head_kv, a.head_dim)
+        q, k, v = project(x, self.attn_q, self.attn_k, self.attn_v)
+        q = rope(q.view(n, a.n_head, a.head_dim), pos)
+        k = rope(k.view(n, a.n_head_kv, a.head_dim), pos)
+        v = v.view(n, a.n_head_kv, a.head_dim)
         return self.attn_output(kv.attend(q, k, v, scale=self.scale).reshape(n, -1))
 
     def forward(self, x, pos, kv, rope):
         x = x + self.attention(self.attn_norm(x), pos, kv, rope)
         h = self.ffn_norm(x)
-        return x + self.ffn_down(kernels.swiglu(self.ffn_gate(h), self.ffn_up(h)))
+        return x + self.ffn_down(kernels.swiglu(*project(h, self.ffn_gate, self.ffn_up)))
 
 
 class Model(BaseModel):
