@@ -218,14 +218,14 @@ def test_projections_of_one_input_in_one_call(gguf_dir):
     for n in (1, 7):
         x = torch.randn(n, blk.attn_q.lazy.shape[1], generator=torch.Generator().manual_seed(n))
         got = layers.project(x, blk.attn_q, blk.attn_k, blk.attn_v)
-        assert layers._PLANS[blk.attn_q][(blk.attn_q, blk.attn_k, blk.attn_v)] is not None  # the native call ran
+        assert blk.attn_q.plans[(id(blk.attn_q), id(blk.attn_k), id(blk.attn_v))] is not None  # the native call ran
         for y, mod in zip(got, (blk.attn_q, blk.attn_k, blk.attn_v)):
             assert torch.equal(y, mod(x))
     blk.ffn_up.bias = torch.ones(blk.ffn_up.lazy.shape[0])
     try:
         x = torch.randn(3, blk.ffn_gate.lazy.shape[1])
         g, u = layers.project(x, blk.ffn_gate, blk.ffn_up)
-        assert layers._PLANS[blk.ffn_gate][(blk.ffn_gate, blk.ffn_up)] is None
+        assert blk.ffn_gate.plans[(id(blk.ffn_gate), id(blk.ffn_up))] is None
         assert torch.equal(u, blk.ffn_up(x)) and torch.equal(g, blk.ffn_gate(x))
     finally:
         blk.ffn_up.bias = None

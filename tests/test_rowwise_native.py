@@ -1,4 +1,5 @@
-"""The native row-wise kernels of the CPU float32 forward (``rms_f32``, ``rope_f32``, ``silu_f32``)
+"""The native row-wise kernels of the CPU float32 forward (``rms_f32``, ``rope_f32``, ``silu_f32``,
+``gelu_tanh_f32``)
 and token log-likelihoods (``nll_f32``): against float64 references, a row's result independent of
 the other rows and of the operand's layout, RoPE bit-identical to the torch formula it replaces,
 and the same bits from a build without AVX-512."""
@@ -73,6 +74,20 @@ def test_silu_and_swiglu_match_float64():
     assert torch.allclose(ye.double(), re, rtol=1e-6, atol=1e-36, equal_nan=True)  # silu(-inf) is NaN in both
 
 
+def test_gelu_tanh_and_geglu_match_float64():
+    g = torch.Generator().manual_seed(5)
+    x, u = torch.randn(33, 1000, generator=g) * 6, torch.randn(33, 1000, generator=g)
+    xd = x.double()
+    ref = 0.5 * xd * (1 + torch.tanh(math.sqrt(2 / math.pi) * (xd + 0.044715 * xd ** 3)))
+    y = kernels.gelu_tanh(x)
+    assert ((y.double() - ref).abs() / ref.abs().clamp_min(1e-3)).max() < 2e-6
+    assert torch.equal(kernels.geglu(x, u), y * u)
+    assert torch.equal(kernels.gelu_tanh(x[7:8]), y[7:8])
+    edge = torch.tensor([-1e4, -30.0, -5.0, -1e-20, 0.0, 1e-20, 5.0, 30.0, 1e4])
+    re = F.gelu(edge.double(), approximate="tanh")
+    assert torch.allclose(kernels.gelu_tanh(edge).double(), re, rtol=2e-6, atol=1e-30)
+
+
 def test_portable_build_gives_the_same_bits(tmp_path):
     cc = native._compiler()
     if cc is None or platform.machine() not in ("x86_64", "AMD64"):
@@ -92,6 +107,9 @@ def test_portable_build_gives_the_same_bits(tmp_path):
     u = w.expand_as(x).contiguous()
     lib.silu_f32(x.data_ptr(), u.data_ptr(), x.numel(), y.data_ptr(), 2)
     assert torch.equal(y, kernels.swiglu(x, u))
+    lib.gelu_tanh_f32.argtypes = [P, P, I, P, ctypes.c_int]
+    lib.gelu_tanh_f32(x.data_ptr(), u.data_ptr(), x.numel(), y.data_ptr(), 2)
+    assert torch.equal(y, kernels.geglu(x, u))
     logits, t = torch.randn(5, 50257, generator=g) * 5, torch.randint(0, 50257, (5,), generator=g)
     out = torch.empty(5, dtype=torch.float64)
     lib.nll_f32(logits.data_ptr(), None, 5, 50257, 50257, t.data_ptr(), out.data_ptr(), 2)

@@ -744,6 +744,58 @@ static void qmm_panels(const uint8_t *restrict w, int64_t rb, int64_t N, int64_t
         }                                                                                        \
     }
 #define FEW(name, M) ((M) < MR ? few_##name : NULL)
+#if defined(__AVX512F__)
+/* The same loop for the 32-value types whose blocks decode straight into registers (reg_v_<type>:
+ * the floats of v_<type>, with no buffer stored and read back; Q4_0 / Q4_1 look their 16
+ * possible values up in a table built once per block, d * q (+ m): the decoder's operations on the
+ * same operands, hence the same floats). */
+static const float IOTA[16] __attribute__((aligned(64))) = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+static inline void reg_v_q4_0(const uint8_t *restrict x, __m512 w[2]) {
+    const __m512 t = _mm512_mul_ps(_mm512_set1_ps(f16(x)), _mm512_sub_ps(_mm512_load_ps(IOTA), _mm512_set1_ps(8.0f)));
+    const __m128i q = ld16(x + 2);
+    w[0] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(lo4(q)), t);
+    w[1] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(hi4(q)), t);
+}
+static inline void reg_v_q4_1(const uint8_t *restrict x, __m512 w[2]) {
+    const __m512 t = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(f16(x)), _mm512_load_ps(IOTA)), _mm512_set1_ps(f16(x + 2)));
+    const __m128i q = ld16(x + 4);
+    w[0] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(lo4(q)), t);
+    w[1] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(hi4(q)), t);
+}
+static inline void reg_v_q8_0(const uint8_t *restrict x, __m512 w[2]) {
+    const __m512 d = _mm512_set1_ps(f16(x));
+    w[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(ld16(x + 2))), d);
+    w[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(ld16(x + 18))), d);
+}
+#define FEW_ROWS_REG(name, TS)                                                                   \
+    static void few_##name(const uint8_t *restrict w, int64_t N, int64_t K, const float *restrict x, \
+                           int64_t M, float *restrict y, int nt) {                              \
+        const int64_t rb = K / 32 * TS, ng = (N + QG - 1) / QG;                                  \
+        if (nt > ng) nt = (int)ng;                                                               \
+        OMP(parallel for schedule(static) num_threads(nt) if(nt > 1))                            \
+        for (int64_t g = 0; g < ng; g++) {                                                       \
+            __m512 acc[QG][MR - 1], wv[QG][2];                                                   \
+            const int64_t n0 = g * QG, gn = N - n0 < QG ? N - n0 : QG;                           \
+            for (int r = 0; r < QG; r++) {                                                       \
+                wv[r][0] = wv[r][1] = _mm512_setzero_ps();                                       \
+                for (int i = 0; i < MR - 1; i++) acc[r][i] = _mm512_setzero_ps();                \
+            }                                                                                    \
+            for (int64_t b = 0; b < K / 32; b++) {                                               \
+                for (int r = 0; r < gn; r++) {                                                   \
+                    __builtin_prefetch(w + (n0 + r + QG * QPF) * rb + b * TS);                   \
+                    reg_##name(w + (n0 + r) * rb + b * TS, wv[r]);                               \
+                }                                                                                \
+                for (int kk = 0; kk < 2; kk++)                                                   \
+                    for (int i = 0; i < M; i++) {                                                \
+                        const __m512 xv = _mm512_loadu_ps(x + i * K + b * 32 + kk * 16);         \
+                        for (int r = 0; r < QG; r++) acc[r][i] = _mm512_fmadd_ps(xv, wv[r][kk], acc[r][i]); \
+                    }                                                                            \
+            }                                                                                    \
+            for (int r = 0; r < gn; r++)                                                         \
+                for (int i = 0; i < M; i++) y[i * N + n0 + r] = vsum(acc[r][i]);                 \
+        }                                                                                        \
+    }
+#endif
 #else
 #define FEW_ROWS(name, TS, BS)
 #define FEW(name, M) NULL
@@ -756,7 +808,7 @@ static void qmm_panels(const uint8_t *restrict w, int64_t rb, int64_t N, int64_t
             name(x + b * TS, y + b * BS);                                                      \
         }                                                                                      \
     }                                                                                          \
-    FEW_ROWS(name, TS, BS)                                                                     \
+    FEW_ROWS_##name(name, TS, BS)                                                              \
     void qmm_##name(const uint8_t *w, int64_t N, int64_t K, const float *x, int64_t M, float *y, int nt) { \
         void (*few)(const uint8_t *, int64_t, int64_t, const float *, int64_t, float *, int) = FEW(name, M); \
         if (BS >= QL && few) few(w, N, K, x, M, y, nt);                                        \
@@ -766,6 +818,27 @@ static void qmm_panels(const uint8_t *restrict w, int64_t rb, int64_t N, int64_t
 static inline void f16_1(const uint8_t *restrict x, float *restrict y) { *y = f16(x); }
 static inline void bf16_1(const uint8_t *restrict x, float *restrict y) { *y = from_bits((uint32_t)rd16(x) << 16); }
 
+/* which few-rows loop each type gets: the register one where its blocks decode into registers */
+#if defined(__AVX512F__)
+#define FEW_ROWS_q4_0(name, TS, BS) FEW_ROWS_REG(name, TS)
+#define FEW_ROWS_q4_1(name, TS, BS) FEW_ROWS_REG(name, TS)
+#define FEW_ROWS_q8_0(name, TS, BS) FEW_ROWS_REG(name, TS)
+#else
+#define FEW_ROWS_q4_0 FEW_ROWS
+#define FEW_ROWS_q4_1 FEW_ROWS
+#define FEW_ROWS_q8_0 FEW_ROWS
+#endif
+#define FEW_ROWS_q5_0 FEW_ROWS
+#define FEW_ROWS_q5_1 FEW_ROWS
+#define FEW_ROWS_iq4_nl FEW_ROWS
+#define FEW_ROWS_q2_k FEW_ROWS
+#define FEW_ROWS_q3_k FEW_ROWS
+#define FEW_ROWS_q4_k FEW_ROWS
+#define FEW_ROWS_q5_k FEW_ROWS
+#define FEW_ROWS_q6_k FEW_ROWS
+#define FEW_ROWS_iq4_xs FEW_ROWS
+#define FEW_ROWS_f16_1 FEW_ROWS
+#define FEW_ROWS_bf16_1 FEW_ROWS
 QMM_BLOCK_TYPES(QMM)
 QMM(f16_1, 2, 1)
 QMM(bf16_1, 2, 1)
@@ -827,24 +900,33 @@ static inline float ab_sum(const float *a) {
 
 #define AS 4  /* score chains computed together: (head, key block) slots */
 #define GT 4  /* query heads of one KV head computed together */
+#if defined(__AVX512F__)
 #define EC 64 /* output columns held in registers while p @ v runs over the keys */
+#define VSET1 _mm512_set1_ps
+#else
+#define EC 32 /* (16 vector registers) */
+#define VSET1 _mm256_set1_ps
+#endif
 
-/* AS chains of AB scores: acc[s][l] = sum over d, in increasing d, of fmaf(qs[s][d], ks[s][d * NKV + l]) */
+/* AS chains of AB scores (acc is overwritten): acc[s][l] = sum over d, in increasing d, of
+ * fmaf(qs[s][d], ks[s][d * NKV + l]) */
 static inline void scores(const float *const *qs, const float *const *ks, int64_t D, int64_t NKV, float acc[AS][AB]) {
-#if defined(__AVX512F__) && AB == 16 && AS == 4
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+#ifdef VEC
+#define SV ((int)(AB * 4 / sizeof(VEC))) /* vectors per chain */
+    VEC a[AS][SV];
+    for (int sl = 0; sl < AS; sl++)
+        for (int c = 0; c < SV; c++) a[sl][c] = VZERO();
     for (int64_t dd = 0; dd < D; dd++) {
         const int64_t o = dd * NKV;
-        a0 = _mm512_fmadd_ps(_mm512_set1_ps(qs[0][dd]), _mm512_loadu_ps(ks[0] + o), a0);
-        a1 = _mm512_fmadd_ps(_mm512_set1_ps(qs[1][dd]), _mm512_loadu_ps(ks[1] + o), a1);
-        a2 = _mm512_fmadd_ps(_mm512_set1_ps(qs[2][dd]), _mm512_loadu_ps(ks[2] + o), a2);
-        a3 = _mm512_fmadd_ps(_mm512_set1_ps(qs[3][dd]), _mm512_loadu_ps(ks[3] + o), a3);
+        for (int sl = 0; sl < AS; sl++) {
+            const VEC qv = VSET1(qs[sl][dd]);
+            for (int c = 0; c < SV; c++) a[sl][c] = VFMA(qv, VLOAD(ks[sl] + o + c * (AB / SV)), a[sl][c]);
+        }
     }
-    _mm512_storeu_ps(acc[0], a0);
-    _mm512_storeu_ps(acc[1], a1);
-    _mm512_storeu_ps(acc[2], a2);
-    _mm512_storeu_ps(acc[3], a3);
+    for (int sl = 0; sl < AS; sl++)
+        for (int c = 0; c < SV; c++) VSTORE(acc[sl] + c * (AB / SV), a[sl][c]);
 #else
+    memset(acc, 0, sizeof(float) * AS * AB);
     for (int64_t dd = 0; dd < D; dd++)
         for (int sl = 0; sl < AS; sl++) {
             const float qd = qs[sl][dd];
@@ -854,31 +936,35 @@ static inline void scores(const float *const *qs, const float *const *ks, int64_
 #endif
 }
 
-#if defined(__AVX512F__) && EC == 64
-/* p @ v for EC columns (from e0) of gt heads (p in sc, one row of NKV per head; value row j at
- * vr[j]), key after key over the seen blocks: o[t][e] = fmaf(p[t][j], v[j][e], o[t][e]) in increasing j, as the plain loop below */
+#ifdef VEC
+/* p @ v for nv x 16 columns (from e0) of gt rows (p in sc, one row of NKV per row; value row j at
+ * vr[j]), key after key over the seen blocks: o[t][e] = fmaf(p[t][j], v[j][e], o[t][e]) in
+ * increasing j, as the plain loop in attn_core */
+#define PVV ((int)(64 / sizeof(VEC))) /* vectors per 16 columns */
 static inline __attribute__((always_inline)) void pv(const int gt, const int nv, const float *restrict sc,
                                                      const float *const *restrict vr, int64_t e0,
                                                      const uint8_t *restrict seen, int64_t nb, int64_t NKV,
                                                      float o[GT][EC]) {
-    __m512 acc[GT][4];
+    VEC acc[GT][EC / 16 * PVV];
+    const int nc = nv * PVV;
     for (int t = 0; t < gt; t++)
-        for (int c = 0; c < nv; c++) acc[t][c] = _mm512_setzero_ps();
+        for (int c = 0; c < nc; c++) acc[t][c] = VZERO();
     for (int64_t jb = 0; jb < nb; jb++) {
         if (!seen[jb]) continue;
         for (int64_t j = jb * AB; j < jb * AB + AB; j++) {
             const float *vj = vr[j] + e0;
-            __m512 vv[4];
-            for (int c = 0; c < nv; c++) vv[c] = _mm512_loadu_ps(vj + 16 * c);
+            VEC vv[EC / 16 * PVV];
+            for (int c = 0; c < nc; c++) vv[c] = VLOAD(vj + c * (16 / PVV));
             for (int t = 0; t < gt; t++) {
-                const __m512 p = _mm512_set1_ps(sc[t * NKV + j]);
-                for (int c = 0; c < nv; c++) acc[t][c] = _mm512_fmadd_ps(p, vv[c], acc[t][c]);
+                const VEC p = VSET1(sc[t * NKV + j]);
+                for (int c = 0; c < nc; c++) acc[t][c] = VFMA(p, vv[c], acc[t][c]);
             }
         }
     }
     for (int t = 0; t < gt; t++)
-        for (int c = 0; c < nv; c++) _mm512_storeu_ps(o[t] + 16 * c, acc[t][c]);
+        for (int c = 0; c < nc; c++) VSTORE(o[t] + c * (16 / PVV), acc[t][c]);
 }
+#if EC == 64
 #define PV_NV(gt, ne, ...)                                                                       \
     switch ((ne) / 16) { /* the column vectors a constant in each copy too */                   \
     case 1: pv(gt, 1, __VA_ARGS__); break;                                                       \
@@ -886,6 +972,13 @@ static inline __attribute__((always_inline)) void pv(const int gt, const int nv,
     case 3: pv(gt, 3, __VA_ARGS__); break;                                                       \
     default: pv(gt, 4, __VA_ARGS__); break;                                                      \
     }
+#else
+#define PV_NV(gt, ne, ...)                                                                       \
+    switch ((ne) / 16) {                                                                         \
+    case 1: pv(gt, 1, __VA_ARGS__); break;                                                       \
+    default: pv(gt, 2, __VA_ARGS__); break;                                                      \
+    }
+#endif
 #endif
 
 /* Where attn_core finds its operands. Batched layout (attn_f32): q (B, H, NQ, D), kT (B, HKV, D,
@@ -904,44 +997,54 @@ static const float ZERO_ROW[1024] __attribute__((aligned(64))); /* value rows of
 
 static void attn_core(attn_src src, const uint8_t *restrict mask, int64_t B, int64_t H, int64_t HKV, int64_t NQ,
                       int64_t NKV, int64_t D, int64_t DV, float scale, float cap, float *restrict out, int nt) {
-    const int64_t g = H / HKV, items = B * HKV * NQ, nb = NKV / AB;
+    /* an item: up to GT rows sharing one KV head -- GT of its query heads, or, when it has fewer,
+     * all of them for GT / g consecutive queries. Blocks are computed when any row sees them; for
+     * the others such a block is all hidden keys, which add exact zeros (and -inf scores), so a
+     * row's result is the same as alone. */
+    const int64_t g = H / HKV, nb = NKV / AB, qs = g >= GT ? 1 : GT / g, nqb = (NQ + qs - 1) / qs;
+    const int64_t items = B * HKV * nqb;
     const float *q = src.q, *kT = src.kT;
     (void)nt;
     OMP(parallel num_threads(nt) if(nt > 1 && items > 1)) {
         float *sc = aligned_alloc(64, (size_t)(GT * NKV * 4 + 63) / 64 * 64);
         uint8_t *seen = malloc((size_t)nb + 1);
         const float **vr = malloc(sizeof(float *) * (size_t)NKV);
-        OMP(for schedule(dynamic, 4))
+        OMP(for schedule(dynamic, 2))
         for (int64_t it = 0; it < items; it++) {
-            const int64_t b = it / (HKV * NQ), kvh = (it / NQ) % HKV, i = it % NQ;
-            const uint8_t *mi = mask + (b * NQ + i) * NKV;
+            const int64_t b = it / (HKV * nqb), kvh = (it / nqb) % HKV, i0 = (it % nqb) * qs;
+            const int nqi = (int)(NQ - i0 < qs ? NQ - i0 : qs);
             const float *kt = kT + (b * HKV + kvh) * D * NKV;
-            const int64_t row = src.qidx ? src.qidx[b * NQ + i] : -1, orow = src.out_seq ? b * NQ + i : row;
             int any = 0;
             for (int64_t jb = 0; jb < nb; jb++) {
                 int s = 0;
-                for (int l = 0; l < AB; l++) s |= mi[jb * AB + l];
+                for (int qi = 0; qi < nqi; qi++) {
+                    const uint8_t *mi = mask + (b * NQ + i0 + qi) * NKV + jb * AB;
+                    for (int l = 0; l < AB; l++) s |= mi[l];
+                }
                 seen[jb] = (uint8_t)(s != 0);
                 any |= s;
             }
             for (int64_t t0 = 0; t0 < g; t0 += GT) {
-                const int gt = (int)(g - t0 < GT ? g - t0 : GT);
+                const int gt = (int)(g - t0 < GT ? g - t0 : GT), nr = nqi * gt;
                 const float *qh[GT];
                 float *oh[GT];
-                for (int t = 0; t < gt; t++) {
-                    const int64_t hh = kvh * g + t0 + t;
-                    qh[t] = q + (row < 0 ? (b * H + hh) * NQ + i : row * H + hh) * D;
-                    oh[t] = out + (row < 0 ? (b * NQ + i) * H + hh : orow * H + hh) * DV;
+                const uint8_t *mr[GT];
+                for (int r = 0; r < nr; r++) {
+                    const int64_t i = i0 + r / gt, hh = kvh * g + t0 + r % gt;
+                    const int64_t row = src.qidx ? src.qidx[b * NQ + i] : -1, orow = src.out_seq ? b * NQ + i : row;
+                    qh[r] = q + (row < 0 ? (b * H + hh) * NQ + i : row * H + hh) * D;
+                    oh[r] = out + (row < 0 ? (b * NQ + i) * H + hh : orow * H + hh) * DV;
+                    mr[r] = mask + (b * NQ + i) * NKV;
                 }
                 if (!any) {
-                    for (int t = 0; t < gt; t++) memset(oh[t], 0, (size_t)DV * 4);
+                    for (int r = 0; r < nr; r++) memset(oh[r], 0, (size_t)DV * 4);
                     continue;
                 }
-                /* scores: slot s is head s % gt of block jb + s / gt (bpu blocks per pass); each
+                /* scores: slot s is row s % nr of block jb + s / nr (bpu blocks per pass); each
                  * score is still its own chain of fmaf in increasing d */
-                const int bpu = AS / gt > 0 ? AS / gt : 1, ns = gt * bpu;
+                const int bpu = AS / nr > 0 ? AS / nr : 1, ns = nr * bpu;
                 float mx[GT];
-                for (int t = 0; t < gt; t++) mx[t] = -INFINITY;
+                for (int r = 0; r < nr; r++) mx[r] = -INFINITY;
                 for (int64_t jb = 0; jb < nb;) {
                     if (!seen[jb]) {
                         jb++;
@@ -949,44 +1052,44 @@ static void attn_core(attn_src src, const uint8_t *restrict mask, int64_t B, int
                     }
                     int nbk = 1;
                     while (nbk < bpu && jb + nbk < nb && seen[jb + nbk]) nbk++;
-                    float acc[AS][AB] __attribute__((aligned(64))) = {{0}};
-                    const float *qs[AS], *ks[AS];
+                    float acc[AS][AB] __attribute__((aligned(64)));
+                    const float *qp[AS], *kp[AS];
                     for (int sl = 0; sl < AS; sl++) { /* unused slots repeat slot 0 (discarded) */
-                        const int ok = sl < ns && sl / gt < nbk;
-                        qs[sl] = qh[ok ? sl % gt : 0];
-                        ks[sl] = kt + (jb + (ok ? sl / gt : 0)) * AB;
+                        const int ok = sl < ns && sl / nr < nbk;
+                        qp[sl] = qh[ok ? sl % nr : 0];
+                        kp[sl] = kt + (jb + (ok ? sl / nr : 0)) * AB;
                     }
-                    scores(qs, ks, D, NKV, acc);
-                    for (int sl = 0; sl < gt * nbk; sl++) {
-                        const int t = sl % gt;
-                        const int64_t j0 = (jb + sl / gt) * AB;
-                        float *st = sc + t * NKV;
+                    scores(qp, kp, D, NKV, acc);
+                    for (int sl = 0; sl < nr * nbk; sl++) {
+                        const int r = sl % nr;
+                        const int64_t j0 = (jb + sl / nr) * AB;
+                        float *st = sc + r * NKV;
                         for (int l = 0; l < AB; l++) {
                             float s = acc[sl][l] * scale;
                             if (cap != 0.0f) s = cap * tanhf(s / cap);
-                            s = mi[j0 + l] ? s : -INFINITY;
+                            s = mr[r][j0 + l] ? s : -INFINITY;
                             st[j0 + l] = s;
-                            mx[t] = s > mx[t] ? s : mx[t];
+                            mx[r] = s > mx[r] ? s : mx[r];
                         }
                     }
                     jb += nbk;
                 }
-                /* probabilities in place of the scores, and each head's row sum */
+                /* probabilities in place of the scores, and each row's sum */
                 float lsum[GT];
-                for (int t = 0; t < gt; t++) {
+                for (int r = 0; r < nr; r++) {
                     float lv[AB] __attribute__((aligned(64))) = {0};
-                    float *st = sc + t * NKV;
+                    float *st = sc + r * NKV;
                     for (int64_t jb = 0; jb < nb; jb++) {
                         if (!seen[jb]) continue;
                         for (int l = 0; l < AB; l++) {
-                            const float x = st[jb * AB + l] - mx[t];
+                            const float x = st[jb * AB + l] - mx[r];
                             const float e = vexp(x > -80.0f ? x : -80.0f);
                             st[jb * AB + l] = e <= EXP_FLOOR ? 0.0f : e;
                             lv[l] += st[jb * AB + l];
                         }
                     }
                     const float l = ab_sum(lv);
-                    lsum[t] = l > 1e-30f ? l : 1e-30f;
+                    lsum[r] = l > 1e-30f ? l : 1e-30f;
                 }
                 for (int64_t jb = 0; jb < nb; jb++) /* value rows of the seen blocks */
                     if (seen[jb])
@@ -994,14 +1097,14 @@ static void attn_core(attn_src src, const uint8_t *restrict mask, int64_t B, int
                             vr[j] = !src.qidx ? src.v + ((b * HKV + kvh) * NKV + j) * DV
                                     : src.cells[b * NKV + j] < 0 ? ZERO_ROW
                                     : src.v + kvh * src.v_sh + src.cells[b * NKV + j] * src.v_sc;
-                /* p @ v: EC columns of every head at a time, key after key (hidden keys add exact
+                /* p @ v: EC columns of every row at a time, key after key (hidden keys add exact
                  * zeros: p = 0) */
                 for (int64_t e0 = 0; e0 < DV; e0 += EC) {
                     const int64_t ne = DV - e0 < EC ? DV - e0 : EC;
                     float o[GT][EC] __attribute__((aligned(64)));
-#if defined(__AVX512F__)
+#ifdef VEC
                     if (ne % 16 == 0) {
-                        switch (gt) { /* the head count a constant in each copy: o stays in registers */
+                        switch (nr) { /* the row count a constant in each copy: o stays in registers */
                         case 1: PV_NV(1, ne, sc, vr, e0, seen, nb, NKV, o); break;
                         case 2: PV_NV(2, ne, sc, vr, e0, seen, nb, NKV, o); break;
                         case 3: PV_NV(3, ne, sc, vr, e0, seen, nb, NKV, o); break;
@@ -1010,21 +1113,21 @@ static void attn_core(attn_src src, const uint8_t *restrict mask, int64_t B, int
                     } else
 #endif
                     {
-                    for (int t = 0; t < gt; t++) memset(o[t], 0, (size_t)ne * 4);
-                    for (int64_t jb = 0; jb < nb; jb++) {
-                        if (!seen[jb]) continue;
-                        for (int l = 0; l < AB; l++) {
-                            const int64_t j = jb * AB + l;
-                            const float *vj = vr[j] + e0;
-                            for (int t = 0; t < gt; t++) {
-                                const float pt = sc[t * NKV + j];
-                                for (int64_t e = 0; e < ne; e++) o[t][e] = fmaf(pt, vj[e], o[t][e]);
+                        for (int r = 0; r < nr; r++) memset(o[r], 0, (size_t)ne * 4);
+                        for (int64_t jb = 0; jb < nb; jb++) {
+                            if (!seen[jb]) continue;
+                            for (int l = 0; l < AB; l++) {
+                                const int64_t j = jb * AB + l;
+                                const float *vj = vr[j] + e0;
+                                for (int r = 0; r < nr; r++) {
+                                    const float pt = sc[r * NKV + j];
+                                    for (int64_t e = 0; e < ne; e++) o[r][e] = fmaf(pt, vj[e], o[r][e]);
+                                }
                             }
                         }
                     }
-                    }
-                    for (int t = 0; t < gt; t++)
-                        for (int64_t e = 0; e < ne; e++) oh[t][e0 + e] = o[t][e] / lsum[t];
+                    for (int r = 0; r < nr; r++)
+                        for (int64_t e = 0; e < ne; e++) oh[r][e0 + e] = o[r][e] / lsum[r];
                 }
             }
         }
@@ -1213,8 +1316,27 @@ void silu_f32(const float *restrict g, const float *restrict u, int64_t n, float
     }
 }
 
+/* GELU, tanh form, times u when given (GeGLU): 0.5 g (1 + tanh(z)), z = c (g + 0.044715 g^3),
+ * c = sqrt(2 / pi), computed as g / (1 + exp(-2 z)) (the same function: 1 + tanh(z) = 2 / (1 +
+ * exp(-2 z))), with no cancellation where tanh(z) is near -1; exp by vexp_any. */
+static inline float gelu_tanh1(float x) {
+    const float z = 0.7978845608028654f * (x + 0.044715f * (x * x * x));
+    return x / (1.0f + vexp_any(-2.0f * z));
+}
+
+void gelu_tanh_f32(const float *restrict g, const float *restrict u, int64_t n, float *restrict y, int nt) {
+    (void)nt;
+    if (u) {
+        OMP(parallel for num_threads(nt) schedule(static) if(nt > 1 && n >= (1 << 16)))
+        for (int64_t i = 0; i < n; i++) y[i] = gelu_tanh1(g[i]) * u[i];
+    } else {
+        OMP(parallel for num_threads(nt) schedule(static) if(nt > 1 && n >= (1 << 16)))
+        for (int64_t i = 0; i < n; i++) y[i] = gelu_tanh1(g[i]);
+    }
+}
+
 /* The ABI version Python checks after loading (bump when a signature changes). */
-int dq_abi(void) { return 10; }
+int dq_abi(void) { return 12; }
 
 /* partial sums per output of qmm (K must be a multiple) */
 int qmm_lanes(void) { return QL; }

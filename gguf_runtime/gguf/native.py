@@ -44,7 +44,7 @@ T = GGMLQuantizationType
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("_dequant.c")
-ABI = 10
+ABI = 12
 TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL, T.MXFP4, T.NVFP4,
          T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS, T.TQ1_0, T.TQ2_0,
          T.IQ3_XXS, T.IQ3_S, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M)
@@ -164,7 +164,8 @@ def library() -> ctypes.CDLL | None:
         lib.rms_f32.argtypes = [P, P, I, I, F, P, ctypes.c_int]
         lib.rope_f32.argtypes = [P, P, P, I, I, I, I, ctypes.c_int, P, ctypes.c_int]
         lib.silu_f32.argtypes = [P, P, I, P, ctypes.c_int]
-        for fn in (lib.rms_f32, lib.rope_f32, lib.silu_f32):
+        lib.gelu_tanh_f32.argtypes = [P, P, I, P, ctypes.c_int]
+        for fn in (lib.rms_f32, lib.rope_f32, lib.silu_f32, lib.gelu_tanh_f32):
             fn.restype = None
         for name in QMM_TYPES.values():
             fn = getattr(lib, "qmm_" + name)
@@ -302,7 +303,7 @@ def nll() -> Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.T
 
 def rowwise() -> ctypes.CDLL | None:
     """The library for the row-wise kernels of the CPU float32 forward (``rms_f32``, ``rope_f32``,
-    ``silu_f32``; see the C file), called through ``kernels.elementwise`` and ``kernels.rope`` on
+    ``silu_f32``, ``gelu_tanh_f32``; see the C file), called through ``kernels.elementwise`` and ``kernels.rope`` on
     contiguous float32 tensors; ``None`` when unavailable."""
     return _lib()
 

@@ -119,7 +119,13 @@ def softplus(x: torch.Tensor) -> torch.Tensor:
 
 
 def geglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``gelu_tanh(g) * u`` (Gemma's feed-forward)."""
+    """``gelu_tanh(g) * u`` (Gemma's feed-forward; one native pass on CPU float32)."""
+    lib = _native_f32(g, u) if g.shape == u.shape and not numerics.current().ggml else None
+    if lib is not None:
+        g, u = g.contiguous(), u.contiguous()
+        y = torch.empty_like(g)
+        lib.gelu_tanh_f32(g.data_ptr(), u.data_ptr(), g.numel(), y.data_ptr(), torch.get_num_threads())
+        return y
     return gelu_tanh(g) * u
 
 
@@ -137,6 +143,12 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     ggml numerics: llama.cpp's CPU ``ggml_gelu`` (:func:`gelu_ggml`)."""
     if numerics.current().ggml:
         return gelu_ggml(x)
+    lib = _native_f32(x)
+    if lib is not None:  # one native pass (gelu_tanh_f32)
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        lib.gelu_tanh_f32(x.data_ptr(), None, x.numel(), y.data_ptr(), torch.get_num_threads())
+        return y
     return lanewise(_gelu_tanh, x)
 
 

@@ -21,8 +21,6 @@ alone (checked once per shape, backend and thread count on random data, at load)
 """
 from __future__ import annotations
 
-from weakref import WeakKeyDictionary
-
 import torch
 from torch import nn
 
@@ -97,6 +95,7 @@ class Linear(nn.Module):
         self.optional = {"bias"} if bias == "optional" else set()
         self.source: FileWeight | None = None
         self.lazy: QuantWeight | None = None
+        self.plans: dict[tuple[int, ...], object] = {}  # project()'s native calls of groups led by this module
 
     @property
     def present(self) -> bool:
@@ -119,15 +118,12 @@ class Linear(nn.Module):
                           for r in range(0, w.shape[0], ROW_BLOCK)], -1)
 
 
-_PLANS: WeakKeyDictionary = WeakKeyDictionary()  # first module -> {modules: native group call or None}
-
-
 def project(x: torch.Tensor, *mods: Linear) -> tuple[torch.Tensor, ...]:
     """``tuple(m(x) for m in mods)``: the projections of one input (q, k, v; gate, up). With quant
     weights and the native kernels, one call computes them all (``native.matmul_group``; each
     product exactly its own call's, so the same bits), saving the per-call overhead at decode."""
-    known = _PLANS.get(mods[0])
-    plan = known[mods] if known is not None and mods in known else _plan(mods)
+    key = tuple(map(id, mods))  # (the first module keeps its groups' plans: they die with the model)
+    plan = mods[0].plans[key] if key in mods[0].plans else _plan(mods, key)
     if plan is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 \
             or numerics.current().ggml:
         return tuple(m(x) for m in mods)
@@ -141,9 +137,9 @@ def project(x: torch.Tensor, *mods: Linear) -> tuple[torch.Tensor, ...]:
     return tuple(ys)
 
 
-def _plan(mods: tuple[Linear, ...]):
+def _plan(mods: tuple[Linear, ...], key: tuple[int, ...]):
     """The native group call of ``mods`` (None where one of them has no fused kernel, a bias, or
-    another input width), remembered per module tuple."""
+    another input width), remembered by the first module."""
     from ..gguf import native
 
     ws = [m.lazy for m in mods]
@@ -154,7 +150,7 @@ def _plan(mods: tuple[Linear, ...]):
         if plan is not None:
             plan.ns = [w.shape[0] for w in ws]
             plan.total = sum(plan.ns)
-    _PLANS.setdefault(mods[0], {})[mods] = plan
+    mods[0].plans[key] = plan
     return plan
 
 
