@@ -92,8 +92,8 @@ def test_portable_build_gives_the_same_bits(tmp_path, h, hkv, d, dv):
 
 
 @pytest.mark.parametrize("h,hkv,d,dv", SHAPES)
-def test_attention_from_the_cache_is_the_gathered_attention(h, hkv, d, dv):
-    """``attention_from_cache`` (the KV cache's path: queries by row index, keys by cell index, no
+def test_attention_in_place_on_the_cache_is_the_gathered_attention(h, hkv, d, dv):
+    """``attention_in_place`` (the KV cache's path: queries by row index, keys by cell index, no
     gathers) gives the bits of gathering the operands and calling :func:`attention`."""
     import importlib
 
@@ -110,7 +110,7 @@ def test_attention_from_the_cache_is_the_gathered_attention(h, hkv, d, dv):
     mask[0, :, nkv - 9:] = False
     mask[1, 2] = False  # a query that sees nothing
     out = torch.full((B * nq + 3, h, dv), 7.0)
-    assert mod.attention_from_cache(q, q_idx, kc, vc, cells, mask, 0.125, 20.0, out)
+    assert mod.attention_in_place(q, q_idx, kc, vc, cells, mask, 0.125, 20.0, out)
     qq = q[q_idx].view(B, nq, h, d).transpose(1, 2)
     kk = kc[:, cells].view(hkv, B, nkv, d).transpose(0, 1)
     vv = vc[:, cells].view(hkv, B, nkv, dv).transpose(0, 1)
@@ -166,7 +166,7 @@ def test_attention_in_place_on_a_ubatch_with_zero_rows():
     mask = torch.zeros(B, L, Lk, dtype=torch.bool)
     mask[:, :, :L] = torch.rand(B, L, L, generator=g) < 0.8
     out = torch.empty(B * L, h, d)
-    assert mod.attention_from_cache(q, idx.flatten(), k.transpose(0, 1), v.transpose(0, 1), cells.flatten(), mask,
+    assert mod.attention_in_place(q, idx.flatten(), k.transpose(0, 1), v.transpose(0, 1), cells.flatten(), mask,
                                     0.2, 0.0, out, out_seq=True)
     kk = torch.zeros(B, h, Lk, d)
     vv = torch.zeros(B, h, Lk, d)

@@ -174,7 +174,7 @@ def _native():
 _NATIVE_KV: list = []
 
 
-def attention_from_cache(q: torch.Tensor, q_idx: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, cells: torch.Tensor,
+def attention_in_place(q: torch.Tensor, q_idx: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, cells: torch.Tensor,
                          mask: torch.Tensor, scale: float, softcap: float, out: torch.Tensor, out_seq: bool = False) -> bool:
     """:func:`attention` of the groups whose queries are rows ``q_idx`` of ``q`` (n, h, d) and whose
     keys are cells ``cells`` of ``kc`` / ``vc`` — a cache layer (n_head_kv, n_cells, d), or any

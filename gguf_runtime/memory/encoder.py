@@ -18,7 +18,7 @@ import torch
 from ..batch import BatchAllocator, UBatch
 from ..errors import BatchError
 from ..kernels import KV_BLOCK, attention
-from ..kernels.attention import attention_from_cache
+from ..kernels.attention import attention_in_place
 from ..kernels.linear import pad_dim
 from .base import Commit, Memory, Meta, Tensors, state_kind
 
@@ -78,7 +78,7 @@ class EncoderView:
         for b in self.buckets:
             S, L = b.idx.shape
             o = q.new_empty(S * L, q.shape[1], v.shape[-1])
-            if attention_from_cache(q, b.idx.flatten(), k.transpose(0, 1), v.transpose(0, 1), b.key_cells, b.key_mask,
+            if attention_in_place(q, b.idx.flatten(), k.transpose(0, 1), v.transpose(0, 1), b.key_cells, b.key_mask,
                                     scale, softcap, o, out_seq=True):  # the native kernel reads k, v in place
                 outs.append(o)
                 continue

@@ -36,7 +36,7 @@ import torch
 
 from .. import numerics
 from ..kernels import KV_BLOCK, attention
-from ..kernels.attention import attention_from_cache
+from ..kernels.attention import attention_in_place
 from ..batch import BatchAllocator, UBatch
 from ..errors import MemoryFullError, StateError
 from .base import Commit, Memory, Meta, Tensors, state_kind, state_rows, state_tensor
@@ -88,7 +88,7 @@ class LayerKV:
         out = q.new_empty(n, h, v.shape[-1])
         kc, vc = view.cache.k[il], view.cache.v[il]
         for b in view.batches(q.device):  # groups of equal shape, computed together
-            if attention_from_cache(q, b.q_idx, kc, vc, b.cells, b.mask_for(window), scale, softcap, out):
+            if attention_in_place(q, b.q_idx, kc, vc, b.cells, b.mask_for(window), scale, softcap, out):
                 continue  # (the native kernel reads the cache in place)
             kk, vv = view.kv(il, b)
             qq = q.index_select(0, b.q_idx).view(b.n, -1, h, q.shape[-1]).transpose(1, 2)
