@@ -870,8 +870,9 @@ void qmm_many(int count, const qmm_fn *fns, const uint8_t *const *ws, const int6
  * queries and groups share it changes a bit. exp is one polynomial (vexp) in plain float
  * operations, the same code for every lane. The query heads of one KV head are computed together
  * (GT at a time; score chains AS at a time), so each key and value row loaded serves several heads
- * -- which changes no order. The AVX-512 intrinsics (scores, pv) perform exactly the plain loops'
- * IEEE operations (fmaf is one rounding either way), so every build gives the same bits. */
+ * -- which changes no order. The vector code (scores, pv; on AVX-512 the scale-mask-max and exp
+ * passes too) performs exactly the plain loops' IEEE operations (fmaf is one rounding either way; a
+ * max is exact in any order), so every build gives the same bits. */
 #define AB 16 /* keys per block: the row sum's lanes */
 #define EXP_FLOOR 1.8048513878454153e-35f /* just above exp(-80) (kernels.attention's _EXP_FLOOR) */
 
@@ -889,6 +890,24 @@ static inline float vexp(float x) { /* x in [-80, 0]: Cephes' expf polynomial, 2
     const uint32_t e = (uint32_t)((int32_t)n + 127) << 23;
     return y * from_bits(e);
 }
+
+#if defined(__AVX512F__)
+static inline __m512 vexp16(__m512 x) { /* vexp, lane by lane */
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+#endif
 
 static inline float ab_sum(const float *a) {
     float t[AB];
@@ -1064,6 +1083,18 @@ static void attn_core(attn_src src, const uint8_t *restrict mask, int64_t B, int
                         const int r = sl % nr;
                         const int64_t j0 = (jb + sl / nr) * AB;
                         float *st = sc + r * NKV;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && AB == 16
+                        if (cap == 0.0f) { /* the loop below, 16 lanes at once (a max is exact in any order) */
+                            const __mmask16 vis = _mm_cmpneq_epi8_mask(_mm_loadu_si128((const __m128i *)(mr[r] + j0)),
+                                                                       _mm_setzero_si128());
+                            const __m512 v = _mm512_mask_blend_ps(vis, _mm512_set1_ps(-INFINITY),
+                                                                  _mm512_mul_ps(_mm512_loadu_ps(acc[sl]), _mm512_set1_ps(scale)));
+                            _mm512_storeu_ps(st + j0, v);
+                            const float m = _mm512_reduce_max_ps(v);
+                            mx[r] = m > mx[r] ? m : mx[r];
+                            continue;
+                        }
+#endif
                         for (int l = 0; l < AB; l++) {
                             float s = acc[sl][l] * scale;
                             if (cap != 0.0f) s = cap * tanhf(s / cap);
@@ -1079,6 +1110,19 @@ static void attn_core(attn_src src, const uint8_t *restrict mask, int64_t B, int
                 for (int r = 0; r < nr; r++) {
                     float lv[AB] __attribute__((aligned(64))) = {0};
                     float *st = sc + r * NKV;
+#if defined(__AVX512F__) && AB == 16
+                    __m512 vl = _mm512_setzero_ps(); /* the loop below, lane l holding lv[l] */
+                    for (int64_t jb = 0; jb < nb; jb++) {
+                        if (!seen[jb]) continue;
+                        const __m512 x = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(st + jb * AB), _mm512_set1_ps(mx[r])),
+                                                       _mm512_set1_ps(-80.0f)); /* (NaN -> -80, as x > -80 ? x : -80) */
+                        const __m512 e = vexp16(x);
+                        const __m512 p = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(e, _mm512_set1_ps(EXP_FLOOR), _CMP_GT_OQ), e);
+                        _mm512_storeu_ps(st + jb * AB, p);
+                        vl = _mm512_add_ps(vl, p);
+                    }
+                    _mm512_storeu_ps(lv, vl);
+#else
                     for (int64_t jb = 0; jb < nb; jb++) {
                         if (!seen[jb]) continue;
                         for (int l = 0; l < AB; l++) {
@@ -1088,6 +1132,7 @@ static void attn_core(attn_src src, const uint8_t *restrict mask, int64_t B, int
                             lv[l] += st[jb * AB + l];
                         }
                     }
+#endif
                     const float l = ab_sum(lv);
                     lsum[r] = l > 1e-30f ? l : 1e-30f;
                 }
@@ -1180,23 +1225,6 @@ void attn_kv_f32(const float *restrict q, const int64_t *restrict qidx, const fl
  * k mod NLL_L, in increasing k, then the pairwise tree: one fixed order per row, so a row's value
  * depends on nothing else in the call, nor on the thread count. */
 #define NLL_L 16
-#if defined(__AVX512F__)
-static inline __m512 vexp16(__m512 x) { /* vexp, lane by lane */
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), x);
-    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
-}
-#endif
 
 void nll_f32(const float *restrict logits, const int64_t *restrict rows, int64_t n, int64_t V, int64_t ld,
              const int64_t *restrict targets, double *restrict out, int nt) {
