@@ -1200,17 +1200,21 @@ void attn_kv_f32(const float *restrict q, const int64_t *restrict qidx, const fl
                  int64_t H, int64_t HKV, int64_t NQ, int64_t NKV, int64_t k_sh, int64_t k_sc, int64_t v_sh,
                  int64_t v_sc, int64_t D, int64_t DV, float scale, float cap, float *restrict out, int out_seq,
                  int nt) {
-    if (DV > 1024) return; /* (the caller checks) */
+    if (DV > 1024 || D > 1024) return; /* (the caller checks: ZERO_ROW's length) */
     float *kT = aligned_alloc(64, (size_t)(B * HKV * D * NKV * 4 + 63) / 64 * 64);
     (void)nt;
     OMP(parallel for num_threads(nt) schedule(static) if(nt > 1 && B * HKV * NKV * D >= (1 << 15)))
     for (int64_t r = 0; r < B * HKV; r++) {
         const int64_t b = r / HKV, kvh = r % HKV;
         float *dst = kT + r * D * NKV;
-        for (int64_t j = 0; j < NKV; j++) {
-            const int64_t c = cells[b * NKV + j];
-            const float *kj = k + kvh * k_sh + c * k_sc;
-            for (int64_t dd = 0; dd < D; dd++) dst[dd * NKV + j] = c < 0 ? 0.0f : kj[dd];
+        for (int64_t j0 = 0; j0 < NKV; j0 += AB) { /* 16 keys at a time: each row of dst written a line at a time */
+            const float *kj[AB];
+            for (int l = 0; l < AB; l++) {
+                const int64_t c = cells[b * NKV + j0 + l];
+                kj[l] = c < 0 ? ZERO_ROW : k + kvh * k_sh + c * k_sc;
+            }
+            for (int64_t dd = 0; dd < D; dd++)
+                for (int l = 0; l < AB; l++) dst[dd * NKV + j0 + l] = kj[l][dd];
         }
     }
     const attn_src src = {q, kT, v, qidx, cells, v_sh, v_sc, out_seq};

@@ -183,7 +183,7 @@ def attention_in_place(q: torch.Tensor, q_idx: torch.Tensor, kc: torch.Tensor, v
     ``out_seq`` to rows ``0 .. B * n_q - 1`` in group order, without gathering the operands: the
     native kernel (``attn_kv_f32``), with the same bits as gathering them and calling
     :func:`attention`. Returns False (nothing done) where that path does not apply: not invariant
-    numerics, not CPU float32, key lists not whole blocks of 16, d_v over 1024, or no library."""
+    numerics, not CPU float32, key lists not whole blocks of 16, d or d_v over 1024, or no library."""
     if not _NATIVE_KV:
         from ..gguf import native
 
@@ -192,7 +192,7 @@ def attention_in_place(q: torch.Tensor, q_idx: torch.Tensor, kc: torch.Tensor, v
     if fn is None or not numerics.current().invariant or q.device.type != "cpu" or mask.shape[-1] % 16:
         return False
     if not (q.dtype == kc.dtype == vc.dtype == out.dtype == torch.float32 and q.is_contiguous()
-            and kc.stride(2) == 1 and vc.stride(2) == 1 and vc.shape[2] <= 1024 and out.is_contiguous()):
+            and kc.stride(2) == 1 and vc.stride(2) == 1 and max(kc.shape[2], vc.shape[2]) <= 1024 and out.is_contiguous()):
         return False
     fn(q, q_idx, kc, vc, cells, mask.contiguous(), scale, softcap, out, out_seq)
     return True
