@@ -37,10 +37,21 @@ def _native_f32(*ts: torch.Tensor | None):
     return native_lib()
 
 
+def _pointwise(lib, name: str, g: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+    """The library's elementwise ``name`` (``silu_f32``, ``gelu_tanh_f32``) of ``g``, times ``u``
+    when given, into a new tensor."""
+    g = g.contiguous()
+    u = None if u is None else u.contiguous()
+    y = torch.empty_like(g)
+    getattr(lib, name)(g.data_ptr(), None if u is None else u.data_ptr(), g.numel(), y.data_ptr(),
+                       torch.get_num_threads())
+    return y
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm in float32. ggml numerics: the sum of float squares in double, ``1/sqrtf`` in float,
-    ``x * scale * w``, as ggml's CPU kernel computes it. Otherwise, on contiguous CPU float32, the
-    native ``rms_f32`` (each row's squares summed in one fixed order)."""
+    ``x * scale * w``, as ggml's CPU kernel computes it. Otherwise, on CPU float32 with one weight
+    per column, the native ``rms_f32`` (each row's squares summed in one fixed order)."""
     nx = numerics.current()
     lib = None if nx.ggml or (w is not None and w.numel() != x.shape[-1]) else _native_f32(x, w)
     if lib is not None:
@@ -95,23 +106,13 @@ def exp_(x: torch.Tensor) -> torch.Tensor:
 
 def silu(x: torch.Tensor) -> torch.Tensor:
     lib = _native_f32(x)
-    if lib is not None:
-        x = x.contiguous()
-        y = torch.empty_like(x)
-        lib.silu_f32(x.data_ptr(), None, x.numel(), y.data_ptr(), torch.get_num_threads())
-        return y
-    return lanewise(F.silu, x)
+    return _pointwise(lib, "silu_f32", x) if lib is not None else lanewise(F.silu, x)
 
 
 def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``silu(g) * u`` (one native pass on contiguous CPU float32)."""
+    """``silu(g) * u`` (one native pass on CPU float32)."""
     lib = _native_f32(g, u) if g.shape == u.shape else None
-    if lib is not None:
-        g, u = g.contiguous(), u.contiguous()
-        y = torch.empty_like(g)
-        lib.silu_f32(g.data_ptr(), u.data_ptr(), g.numel(), y.data_ptr(), torch.get_num_threads())
-        return y
-    return silu(g) * u
+    return _pointwise(lib, "silu_f32", g, u) if lib is not None else silu(g) * u
 
 
 def softplus(x: torch.Tensor) -> torch.Tensor:
@@ -121,12 +122,7 @@ def softplus(x: torch.Tensor) -> torch.Tensor:
 def geglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``gelu_tanh(g) * u`` (Gemma's feed-forward; one native pass on CPU float32)."""
     lib = _native_f32(g, u) if g.shape == u.shape and not numerics.current().ggml else None
-    if lib is not None:
-        g, u = g.contiguous(), u.contiguous()
-        y = torch.empty_like(g)
-        lib.gelu_tanh_f32(g.data_ptr(), u.data_ptr(), g.numel(), y.data_ptr(), torch.get_num_threads())
-        return y
-    return gelu_tanh(g) * u
+    return _pointwise(lib, "gelu_tanh_f32", g, u) if lib is not None else gelu_tanh(g) * u
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -144,12 +140,7 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     if numerics.current().ggml:
         return gelu_ggml(x)
     lib = _native_f32(x)
-    if lib is not None:  # one native pass (gelu_tanh_f32)
-        x = x.contiguous()
-        y = torch.empty_like(x)
-        lib.gelu_tanh_f32(x.data_ptr(), None, x.numel(), y.data_ptr(), torch.get_num_threads())
-        return y
-    return lanewise(_gelu_tanh, x)
+    return _pointwise(lib, "gelu_tanh_f32", x) if lib is not None else lanewise(_gelu_tanh, x)
 
 
 _GELU_F16: dict[torch.device, torch.Tensor] = {}
