@@ -1043,6 +1043,12 @@ static void attn_core(attn_src src, const uint8_t *restrict mask, int64_t B, int
                 seen[jb] = (uint8_t)(s != 0);
                 any |= s;
             }
+            for (int64_t jb = 0; jb < nb; jb++) /* value rows of the seen blocks (every pass's) */
+                if (seen[jb])
+                    for (int64_t j = jb * AB; j < jb * AB + AB; j++)
+                        vr[j] = !src.qidx ? src.v + ((b * HKV + kvh) * NKV + j) * DV
+                                : src.cells[b * NKV + j] < 0 ? ZERO_ROW
+                                : src.v + kvh * src.v_sh + src.cells[b * NKV + j] * src.v_sc;
             for (int64_t t0 = 0; t0 < g; t0 += GT) {
                 const int gt = (int)(g - t0 < GT ? g - t0 : GT), nr = nqi * gt;
                 const float *qh[GT];
@@ -1136,12 +1142,6 @@ static void attn_core(attn_src src, const uint8_t *restrict mask, int64_t B, int
                     const float l = ab_sum(lv);
                     lsum[r] = l > 1e-30f ? l : 1e-30f;
                 }
-                for (int64_t jb = 0; jb < nb; jb++) /* value rows of the seen blocks */
-                    if (seen[jb])
-                        for (int64_t j = jb * AB; j < jb * AB + AB; j++)
-                            vr[j] = !src.qidx ? src.v + ((b * HKV + kvh) * NKV + j) * DV
-                                    : src.cells[b * NKV + j] < 0 ? ZERO_ROW
-                                    : src.v + kvh * src.v_sh + src.cells[b * NKV + j] * src.v_sc;
                 /* p @ v: EC columns of every row at a time, key after key (hidden keys add exact
                  * zeros: p = 0) */
                 for (int64_t e0 = 0; e0 < DV; e0 += EC) {

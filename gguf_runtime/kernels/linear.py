@@ -118,12 +118,18 @@ def qmatmul(qtype, raw: torch.Tensor, shape: tuple[int, int]):
     return fn if lanes and shape[1] % lanes == 0 and raw.is_contiguous() else None
 
 
+def fused_product_applies(x: torch.Tensor) -> bool:
+    """Whether the native fused products (:func:`qlinear`, ``layers.project``) take input ``x``:
+    float32 on CPU, ggml numerics off (they round activations as llama.cpp does instead)."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and not numerics.current().ggml
+
+
 def qlinear(x: torch.Tensor, raw: torch.Tensor, kernel, shape: tuple[int, int],
             b: torch.Tensor | None = None) -> torch.Tensor | None:
     """``x @ W.T (+ b)`` with W ((out, in) = ``shape``) given as its GGUF bytes ``raw``, multiplied by
     ``kernel`` (from :func:`qmatmul`); ``None`` where that does not apply (x not float32, ggml
     numerics), and the caller dequantizes instead."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or numerics.current().ggml:
+    if not fused_product_applies(x):
         return None
     n, k = shape
     flat = x.dim() == 2 and x.is_contiguous()  # (the usual case: no reshapes, one op less per call)

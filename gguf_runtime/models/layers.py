@@ -27,7 +27,7 @@ from torch import nn
 from .. import kernels, numerics
 from ..gguf.dequant import dequantize
 from ..kernels.ggml import FileWeight
-from ..kernels.linear import tiled_randn
+from ..kernels.linear import fused_product_applies, tiled_randn
 
 ROW_BLOCK = 8192
 _EXACT: dict[tuple, bool] = {}
@@ -124,8 +124,7 @@ def project(x: torch.Tensor, *mods: Linear) -> tuple[torch.Tensor, ...]:
     product exactly its own call's, so the same bits), saving the per-call overhead at decode."""
     key = tuple(map(id, mods))  # (the first module keeps its groups' plans: they die with the model)
     plan = mods[0].plans[key] if key in mods[0].plans else _plan(mods, key)
-    if plan is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 \
-            or numerics.current().ggml:
+    if plan is None or x.dim() != 2 or not fused_product_applies(x):
         return tuple(m(x) for m in mods)
     x = x.contiguous()
     buf = torch.empty(x.shape[0] * plan.total)
