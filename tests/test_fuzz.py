@@ -4,6 +4,7 @@ outcomes is detected when it happens (negative controls), so a clean run means s
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -26,19 +27,25 @@ def test_short_run_is_clean(fixtures):
     assert time.monotonic() - t < 60
 
 
-def test_detects_each_bug_class(fixtures, monkeypatch):
-    src = [p for p in fixtures if p.stat().st_size < 1_500_000][:1]
+@pytest.fixture(scope="module")
+def small(fixtures):
+    """The first fixture under 1.5 MB, the one file the negative controls mutate."""
+    return [p for p in fixtures if p.stat().st_size < 1_500_000][:1]
 
+
+def hog(path, res=None):
+    """A pipeline that allocates and touches 400 MiB for a ~1 MiB file: an ``alloc``."""
+    blob = bytearray(400 << 20)
+    blob[::4096] = b"x" * len(blob[::4096])
+    return 0
+
+
+def test_detects_each_bug_class(small, monkeypatch):
     def crash(path, res=None):
         raise KeyError("token_embd.weight")
 
     def hang(path, res=None):
         time.sleep(30)
-
-    def hog(path, res=None):
-        blob = bytearray(400 << 20)  # 400 MiB for a ~1 MiB file
-        blob[::4096] = b"x" * len(blob[::4096])
-        return 0
 
     def lax(path, res=None):
         return 0  # accepts everything, so invalid-by-construction mutants become silent acceptances
@@ -46,7 +53,7 @@ def test_detects_each_bug_class(fixtures, monkeypatch):
     for fn, outcome, kw in ((crash, "crash", {}), (hang, "hang", {"timeout": 0.5}), (hog, "alloc", {}),
                             (lax, "silent", {})):
         monkeypatch.setattr(fuzz, "pipeline", fn)
-        s = fuzz.fuzz(src, n=40 if outcome == "silent" else 2, seed=3, **kw)
+        s = fuzz.fuzz(small, n=40 if outcome == "silent" else 2, seed=3, **kw)
         assert s.counts[outcome] > 0, (outcome, s.counts)
 
 
@@ -54,6 +61,9 @@ HOG_AFTER_DIRTY_HEAP = r"""
 import ctypes, sys
 from pathlib import Path
 from gguf_runtime.tools import fuzz
+
+sys.path.insert(0, sys.argv[2])
+from test_fuzz import hog
 
 # A long-lived parent, as a test run is: blocks the heap kept (not mmapped), touched, freed, with a live
 # block above them so none of it is trimmed. A child reusing them copies pages on write: no RSS growth.
@@ -67,20 +77,13 @@ above = libc.malloc(1 << 20)
 for b in blocks:
     libc.free(b)
 
-
-def hog(path, res=None):
-    blob = bytearray(400 << 20)
-    blob[::4096] = b"x" * len(blob[::4096])
-    return 0
-
-
 fuzz.pipeline = hog
 s = fuzz.fuzz([Path(sys.argv[1])], n=2, seed=3)
 print(s.counts["alloc"], max((b["grow"] or 0) for b in s.bugs) if s.bugs else 0)
 """
 
 
-def test_alloc_detected_when_parent_heap_is_dirty(fixtures):
+def test_alloc_detected_when_parent_heap_is_dirty(small):
     """CI ran the negative controls late in the full suite, where pytest's heap held hundreds of MiB
     of freed blocks: the hog reused them and its 400 MiB went unseen. The child trims the heap first."""
     import ctypes
@@ -89,9 +92,8 @@ def test_alloc_detected_when_parent_heap_is_dirty(fixtures):
 
     if not hasattr(ctypes.CDLL(None), "malloc_trim"):
         pytest.skip("not glibc: the heap this test dirties is glibc's")
-    src = [p for p in fixtures if p.stat().st_size < 1_500_000][0]
-    out = subprocess.run([sys.executable, "-c", HOG_AFTER_DIRTY_HEAP, str(src)], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-c", HOG_AFTER_DIRTY_HEAP, str(small[0]), str(Path(__file__).parent)],
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     alloc, grow = map(int, out.stdout.split())
     assert alloc == 2 and grow > 390 << 20, out.stdout
